@@ -1,0 +1,161 @@
+"""The device-side subcommands of `fedboard`: client, client add-text, keygen, predict.
+
+`register(subparsers)` adds them to the `fedboard` parser; each sets `args.handler`, which
+the main program calls with the parsed arguments and whose return value is the exit code.
+Every import of a heavy module happens inside a handler, so `fedboard --help` stays instant
+and nothing here can pull TensorFlow onto a device.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+IMPORT_FORMATS = ("lines", "tsv", "jsonl")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `client`, `keygen` and `predict` to the `fedboard` parser's subcommands."""
+    client = subparsers.add_parser(
+        "client", help="run the device client (a Raspberry Pi or any Linux box) against a real broker",
+        description="Run the federated keyboard client until SIGTERM/SIGINT. `client add-text` appends "
+                    "typed text to the device's private text store.")
+    client.add_argument("--config", type=Path, help="client.toml (see edge_client/deploy/client.example.toml)")
+    client.set_defaults(handler=run_client)
+    actions = client.add_subparsers(dest="client_command", metavar="ACTION")
+    add = actions.add_parser("add-text", help="append text to the device's text store (never sent anywhere)")
+    add.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="client.toml")
+    add.add_argument("text", nargs="*", help="texts to add, one entry each")
+    add.add_argument("--file", type=Path, help="import a file instead (see --format)")
+    add.add_argument("--format", choices=IMPORT_FORMATS, default="lines",
+                     help="lines: one text per line; tsv: ts<TAB>text[<TAB>app]; jsonl: {\"text\", \"ts\", \"app\"}")
+    add.add_argument("--app", help="name of the app the text was typed in (kept locally)")
+    add.set_defaults(handler=add_text)
+
+    keygen = subparsers.add_parser(
+        "keygen", help="create the aggregator's Ed25519 signing key pair (on the server)",
+        description="Writes NAME.key (private, mode 0600: keep it on the aggregator) and NAME.pub "
+                    "(copy it to every device as [trust] aggregator_public_key).")
+    keygen.add_argument("--out", type=Path, required=True, help="directory for the key files")
+    keygen.add_argument("--name", default="aggregator", help="file name stem (default: aggregator)")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key pair (devices need the new .pub)")
+    keygen.set_defaults(handler=keygen_command)
+
+    predict = subparsers.add_parser(
+        "predict", help="show the next-word suggestions of the device's model for a text",
+        description="Top-k next words for TEXT, from the device's latest global model (--config) "
+                    "or from a bundle file (--bundle, optionally with --weights).")
+    predict.add_argument("text", help="the text typed so far, e.g. 'i am going to'")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="client.toml: use the device's cached bundle and model")
+    source.add_argument("--bundle", type=Path, help="a training bundle file (.fbz)")
+    predict.add_argument("--weights", type=Path, help="with --bundle: float32 weights (.npy, or raw little-endian)")
+    predict.add_argument("--int8", type=Path, help="an int8 inference model (.tflite) to run instead")
+    predict.add_argument("-k", type=int, default=3, help="number of suggestions (default 3)")
+    predict.set_defaults(handler=predict_command)
+
+
+# -- handlers -------------------------------------------------------------------------------------
+def _require_config(args: argparse.Namespace) -> Path:
+    config = getattr(args, "config", None)
+    if config is None:
+        raise ValueError("--config client.toml is required")
+    return config
+
+
+def run_client(args: argparse.Namespace) -> int:
+    from edge_client.app import ClientApp
+    from edge_client.client_config import load_client_config
+
+    return ClientApp(load_client_config(_require_config(args))).run()
+
+
+def add_text(args: argparse.Namespace) -> int:
+    from edge_client.client_config import load_client_config
+    from edge_client.textstore import TextStore
+
+    config = load_client_config(_require_config(args))
+    if bool(args.text) == bool(args.file):
+        raise ValueError("give either texts to add or --file PATH, not both and not neither")
+    with TextStore(config.device.data, max_age_days=config.store.max_age_days,
+                   max_rows=config.store.max_rows) as store:
+        if args.file:
+            added = store.import_file(args.file, args.format)
+        else:
+            added = store.add_many(args.text, app=args.app)
+        total = store.count()
+    print(f"added {added} text(s) to {config.device.data} ({total} stored)")
+    return 0
+
+
+def keygen_command(args: argparse.Namespace) -> int:
+    from protocol.signing import key_fingerprint, load_public_key, write_keypair
+
+    try:
+        private, public = write_keypair(args.out, args.name, overwrite=args.force)
+    except FileExistsError as exc:
+        raise ValueError(f"{exc} (--force)") from None
+    print(f"private key: {private}  (keep it on the aggregator only)")
+    print(f"public key:  {public}  (copy it to every device)")
+    print(f"fingerprint: {key_fingerprint(load_public_key(public))}")
+    return 0
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    from edge_client.suggest import Suggester
+
+    if args.config is not None:
+        from edge_client.app import load_saved_model
+        from edge_client.client_config import load_client_config
+
+        if args.weights is not None:
+            raise ValueError("--weights goes with --bundle; with --config the device's latest model is used")
+        bundle, weights = load_saved_model(load_client_config(args.config))
+        source = "the device's latest global model" if weights is not None else "the bundle's initial weights"
+    else:
+        from models.bundle import read_bundle
+
+        bundle = read_bundle(args.bundle)
+        weights = _read_weights(args.weights, bundle.param_count) if args.weights else None
+        source = str(args.weights) if weights is not None else "the bundle's initial weights"
+    int8 = args.int8.read_bytes() if args.int8 else None
+    suggester = Suggester(bundle, weights, int8_model=int8)
+    suggester.suggest(args.text, args.k)  # the first call allocates the interpreter's tensors
+    words = suggester.suggest(args.text, args.k)
+    print(f"{args.text!r} -> {', '.join(words)}")
+    print(f"latency: {suggester.last_latency_ms:.1f} ms ({suggester.kind} model, {source})")
+    return 0
+
+
+def _read_weights(path: Path, size: int):
+    import numpy as np
+
+    if path.suffix == ".npy":
+        weights = np.load(path, allow_pickle=False)
+    else:
+        weights = np.fromfile(path, dtype="<f4")
+    weights = np.asarray(weights, dtype=np.float32).reshape(-1)
+    if weights.size != size:
+        raise ValueError(f"{path} holds {weights.size} values, the bundle's model has {size}")
+    return weights
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (for tests and for a device without the lead's CLI): `python -m edge_client.commands`."""
+    import logging
+
+    parser = argparse.ArgumentParser(prog="fedboard")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, ConnectionError, TimeoutError) as exc:
+        print(f"fedboard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

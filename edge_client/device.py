@@ -1,0 +1,364 @@
+"""The device side of a round, over MQTT with paho.
+
+Event-driven: paho's network thread delivers the round plan, the assignment and the global
+model; training runs on a worker thread (never on the network thread, so keepalives and
+acks keep flowing); the encoded weight delta goes back with QoS 1. The device holds no model
+between rounds unless asked to (`keep_model`), so a simulator can host hundreds of them.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.client import CallbackAPIVersion
+
+from edge_client.residuals import ResidualStore
+from edge_client.trainer import InterpreterPool, TrainSettings, WindowSource, train_round
+from protocol.codec import parse_codec
+from protocol.envelope import DEFAULT_MAX_PAYLOAD, Envelope, Kind, decode_envelope
+from protocol.errors import ProtocolError, Reason, TrustError
+from protocol.messages import Ack, Assignment, CheckIn, RoundPlan, UpdateMeta, to_dict
+from protocol.model_message import ModelMessage
+from protocol.signing import ModelTrust, SignedManifest
+from protocol.topics import FleetTopics
+from protocol.transport import MqttSettings, configure_client
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    fleet: str
+    device_id: str
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+    seed: int = 0
+    keep_model: bool = False          # keep the global weights between rounds (real devices)
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    platform_name: str = "linux"
+
+
+@dataclass
+class DeviceStats:
+    """What the device sent and received, for reports; never any text."""
+
+    checkins: int = 0
+    rounds_trained: int = 0
+    rounds_abandoned: int = 0
+    updates_sent: int = 0
+    updates_accepted: int = 0
+    updates_rejected: int = 0
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    models_refused: int = 0
+    train_steps: int = 0
+    train_s: float = 0.0
+    connects: int = 0
+    last_rejection: str = ""
+
+
+Eligibility = Callable[[bool], tuple[bool, tuple[str, ...]]]
+"""`eligibility(training)` -> (eligible, reasons); None means always eligible."""
+
+
+class DeviceClient:
+    """One device: check in when eligible, train when selected, send the encoded delta."""
+
+    def __init__(
+        self,
+        config: DeviceConfig,
+        pool: InterpreterPool,
+        windows: WindowSource,
+        trust: ModelTrust,
+        *,
+        residuals: ResidualStore | None = None,
+        eligibility: Eligibility | None = None,
+        executor: Executor | None = None,
+        on_event: Callable[[str, dict], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.topics = FleetTopics(config.fleet)
+        self.pool = pool
+        self.windows = windows
+        self.trust = trust
+        self.residuals = residuals or ResidualStore(None)
+        self.eligibility = eligibility
+        self.stats = DeviceStats()
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=config.device_id)
+        self._own_executor = executor is None
+        self._on_event = on_event
+        self._lock = threading.RLock()
+        self._plan: RoundPlan | None = None
+        self._plan_at = 0.0
+        self._checked_in_round = -1
+        self._assigned_round = -1
+        self._training_round = -1
+        self._fetching_model = False
+        self._model_version = -1
+        self._weights: np.ndarray | None = None
+        self._stopped = threading.Event()
+        self.ready = threading.Event()  # set once connected and subscribed
+        self._dim = int(pool.bundle.initial_weights.size)
+        self._client = self._make_client()
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        settings = self.config.mqtt
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.config.device_id,
+            protocol=settings.paho_protocol(),
+            **({} if settings.mqtt_version == 5 else {"clean_session": True}),
+        )
+        configure_client(client, settings, will_topic=self.topics.status(self.config.device_id),
+                         will_payload=self._status_payload("offline"))
+        client.max_inflight_messages_set(20)
+        client.on_connect = self._on_connect
+        client.on_message = self._on_message
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = lambda *args: self.ready.set()
+        return client
+
+    def start(self) -> None:
+        """Connect asynchronously; paho reconnects by itself after a lost connection."""
+        settings = self.config.mqtt
+        self._client.connect_async(settings.host, settings.port, keepalive=settings.keepalive_s)
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        try:
+            info = self._client.publish(self.topics.status(self.config.device_id),
+                                        self._status_payload("offline"), qos=1, retain=True)
+            info.wait_for_publish(2.0)
+        except (RuntimeError, ValueError):
+            pass  # not connected: the broker publishes the will instead
+        self._client.disconnect()
+        self._client.loop_stop()
+        if self._own_executor:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _status_payload(self, state: str) -> bytes:
+        return Envelope(Kind.STATUS, self.config.fleet, self.config.device_id, meta={"state": state}).encode()
+
+    # ---- MQTT callbacks (paho network thread) -----------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason_code: object,
+                    properties: object = None) -> None:
+        if getattr(reason_code, "is_failure", False):
+            log.warning("%s: connection refused: %s", self.config.device_id, reason_code)
+            return
+        self.stats.connects += 1
+        me = self.config.device_id
+        subs = [(self.topics.round, 1), (self.topics.assign(me), 1), (self.topics.ack(me), 1)]
+        with self._lock:
+            if self._fetching_model:
+                subs.append((self.topics.model, 1))
+        client.subscribe(subs)
+        client.publish(self.topics.status(me), self._status_payload("online"), qos=1, retain=True)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, reason_code: object,
+                       properties: object = None) -> None:
+        self.ready.clear()
+        if not self._stopped.is_set():
+            log.info("%s: disconnected (%s); paho will reconnect", self.config.device_id, reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        try:
+            if msg.topic == self.topics.round:
+                self._handle_plan(decode_envelope(msg.payload, expect=Kind.PLAN))
+            elif msg.topic == self.topics.model:
+                self.stats.downlink_bytes += len(msg.payload)
+                env = decode_envelope(msg.payload, max_payload=self.config.max_payload, expect=Kind.MODEL)
+                self._handle_model(env)
+            elif msg.topic == self.topics.assign(self.config.device_id):
+                self._handle_assignment(decode_envelope(msg.payload, expect=Kind.ASSIGN))
+            elif msg.topic == self.topics.ack(self.config.device_id):
+                self._handle_ack(decode_envelope(msg.payload, expect=Kind.ACK))
+        except ProtocolError as exc:
+            log.warning("%s: refused message on %s: %s", self.config.device_id, msg.topic, exc)
+        except Exception:  # a bug must not kill paho's network thread
+            log.exception("%s: error handling %s", self.config.device_id, msg.topic)
+
+    # ---- round protocol ----------------------------------------------------------------
+    def _handle_plan(self, env: Envelope) -> None:
+        plan = RoundPlan.from_envelope(env)
+        with self._lock:
+            if self._plan is not None and plan.round_id <= self._plan.round_id:
+                return
+            self._plan, self._plan_at = plan, time.monotonic()
+        self._maybe_check_in(plan)
+
+    def _maybe_check_in(self, plan: RoundPlan) -> None:
+        if plan.model_id != self.pool.bundle.model_id:
+            log.warning("%s: round %d is for model %s, this device has %s", self.config.device_id,
+                        plan.round_id, plan.model_id, self.pool.bundle.model_id)
+            return
+        if self.eligibility is not None:
+            ok, reasons = self.eligibility(False)
+            if not ok:
+                self._event("ineligible", round=plan.round_id, reasons=list(reasons))
+                return
+        n_train = len(self.windows.training_windows()[0])
+        if n_train == 0:
+            return
+        with self._lock:
+            if self._checked_in_round >= plan.round_id:
+                return
+            self._checked_in_round = plan.round_id
+        checkin = CheckIn(plan.round_id, max(self._model_version, 0), n_train, self.config.platform_name)
+        self._publish(self.topics.checkin(self.config.device_id), checkin.to_envelope(self.config.fleet, self.config.device_id))
+        self.stats.checkins += 1
+
+    def _handle_assignment(self, env: Envelope) -> None:
+        assignment = Assignment.from_envelope(env)
+        with self._lock:
+            plan = self._plan
+            if plan is None or assignment.round_id != plan.round_id or not assignment.selected:
+                return
+            if self._assigned_round >= plan.round_id:
+                return  # QoS 1 redelivery
+            self._assigned_round = plan.round_id
+            have_model = self._weights is not None and self._model_version == plan.base_version
+            if not have_model:
+                self._fetching_model = True
+        self._event("selected", round=plan.round_id)
+        if have_model:
+            self._start_training(plan)
+        else:
+            self._client.subscribe(self.topics.model, 1)
+
+    def _handle_model(self, env: Envelope) -> None:
+        message = ModelMessage.from_envelope(env)
+        with self._lock:
+            plan = self._plan
+            wanted = self._fetching_model and plan is not None and message.version == plan.base_version
+        if not wanted:
+            return
+        try:
+            signed = SignedManifest.from_bytes(message.signed_manifest)
+            manifest = self.trust.accept(signed, message.weights_payload)
+            if manifest.model_id != self.pool.bundle.model_id or manifest.version != message.version:
+                raise TrustError(Reason.WRONG_MODEL, f"manifest is {manifest.model_id} v{manifest.version}, "
+                                 f"message says v{message.version}, device runs {self.pool.bundle.model_id}")
+            weights = parse_codec(manifest.codec).decode(message.weights_payload, self._dim)
+            digest = hashlib.sha256(weights.tobytes()).hexdigest()
+            if manifest.extra.get("weights_f32_sha256") not in (None, digest):
+                raise ValueError("decoded weights do not match the manifest's checksum")
+        except (ProtocolError, ValueError) as exc:
+            self.stats.models_refused += 1
+            log.warning("%s: refused global model v%d: %s", self.config.device_id, message.version, exc)
+            return
+        with self._lock:
+            self._weights, self._model_version = weights, message.version
+            self._fetching_model = False
+        self._client.unsubscribe(self.topics.model)
+        assert plan is not None
+        self._start_training(plan)
+
+    def _start_training(self, plan: RoundPlan) -> None:
+        with self._lock:
+            if self._training_round >= plan.round_id:
+                return
+            self._training_round = plan.round_id
+            weights = self._weights
+        assert weights is not None
+        self._executor.submit(self._train_and_send, plan, weights)
+
+    def _deadline_passed(self, plan: RoundPlan) -> bool:
+        return time.monotonic() - self._plan_at > plan.report_deadline_s
+
+    def _train_and_send(self, plan: RoundPlan, weights: np.ndarray) -> None:
+        try:
+            self._train_and_send_inner(plan, weights)
+        except Exception:
+            log.exception("%s: training round %d failed", self.config.device_id, plan.round_id)
+            self.stats.rounds_abandoned += 1
+
+    def _train_and_send_inner(self, plan: RoundPlan, weights: np.ndarray) -> None:
+        stop_reasons: list[str] = []
+
+        def should_stop() -> bool:
+            if self._stopped.is_set():
+                stop_reasons.append("client_stopped")
+            elif self._deadline_passed(plan):
+                stop_reasons.append("deadline")
+            elif self.eligibility is not None:
+                ok, reasons = self.eligibility(True)
+                if not ok:
+                    stop_reasons.extend(reasons)
+            return bool(stop_reasons)
+
+        settings = TrainSettings(epochs=plan.local_epochs, lr=plan.lr, mu=plan.mu, max_steps=plan.max_steps)
+        seed = hash_seed(self.config.seed, self.config.device_id, plan.round_id)
+        local = train_round(self.pool, weights, self.windows.training_windows(), settings,
+                            seed=seed, should_stop=should_stop)
+        self.stats.train_steps += local.result.steps
+        self.stats.train_s += local.train_s
+        if local.result.stopped:
+            self.stats.rounds_abandoned += 1
+            self._event("abandoned", round=plan.round_id, reasons=stop_reasons)
+            log.info("%s: round %d abandoned (%s); nothing sent", self.config.device_id, plan.round_id,
+                     ", ".join(stop_reasons))
+            self._release_model()
+            return
+        delta = local.weights - weights
+        codec = parse_codec(plan.codec)
+        residual = self.residuals.load(self._dim) if codec.uses_error_feedback else None
+        encoded = codec.encode(delta, residual=residual, rng=np.random.default_rng(seed + 1))
+        meta = UpdateMeta(train_loss=local.result.mean_loss, first_loss=local.result.first_loss,
+                          steps=local.result.steps, train_s=round(local.train_s, 4),
+                          residual_norm=float(np.linalg.norm(encoded.residual)) if encoded.residual is not None else 0.0)
+        env = Envelope(Kind.UPDATE, self.config.fleet, self.config.device_id, round=plan.round_id,
+                       base_version=plan.base_version, example_count=local.result.examples, codec=codec.spec,
+                       meta=to_dict(meta), payload=encoded.payload)
+        self._publish(self.topics.update(self.config.device_id), env)
+        if encoded.residual is not None:
+            self.residuals.save(encoded.residual)
+        self.stats.rounds_trained += 1
+        self.stats.updates_sent += 1
+        self._event("sent", round=plan.round_id, bytes=len(encoded.payload), loss=local.result.mean_loss)
+        self._release_model()
+
+    def _release_model(self) -> None:
+        if not self.config.keep_model:
+            with self._lock:
+                self._weights = None
+
+    def _handle_ack(self, env: Envelope) -> None:
+        ack = Ack.from_envelope(env)
+        if ack.accepted:
+            self.stats.updates_accepted += 1
+        else:
+            self.stats.updates_rejected += 1
+            self.stats.last_rejection = f"{ack.reason}: {ack.detail}"
+            log.warning("%s: update for round %d rejected: %s %s", self.config.device_id, ack.round_id,
+                        ack.reason, ack.detail)
+        self._event("ack", round=ack.round_id, accepted=ack.accepted, reason=ack.reason)
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _publish(self, topic: str, env: Envelope) -> None:
+        data = env.encode()
+        if env.kind == Kind.UPDATE:
+            self.stats.uplink_bytes += len(data)
+        self._client.publish(topic, data, qos=1)
+
+    def _event(self, name: str, **fields: object) -> None:
+        if self._on_event is not None:
+            self._on_event(name, {"device": self.config.device_id, **fields})
+
+
+def hash_seed(seed: int, device: str, round_id: int) -> int:
+    """A per-device, per-round seed that does not depend on Python's salted hash()."""
+    digest = hashlib.blake2b(f"{seed}/{device}/{round_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def default_state_dir(device_id: str) -> Path:
+    return Path.home() / ".local" / "state" / "fedboard" / device_id

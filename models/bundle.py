@@ -1,0 +1,365 @@
+"""The self-describing TFLite training bundle: one file a device needs to train.
+
+A bundle is a zip with four members:
+
+- ``manifest.json``: format version, model config, weight layout, and the sha256
+  and size of every other member;
+- ``model.tflite``: the training graph (signatures train, infer, get_weights,
+  set_weights, set_anchor); its variables are exported as zeros so the graph
+  compresses to almost nothing, the real starting point is ``weights.f32``;
+- ``vocab.json``: the vocabulary (``fedboard-vocab/1``), so a device tokenizes
+  exactly as the model was trained;
+- ``weights.f32``: the initial flat weight vector, little-endian float32.
+
+The bundle's identity (``sha256``, ``model_id``) is the sha256 of the canonical
+manifest bytes, which hold the member hashes, so it covers every byte that
+matters. Reading verifies all of it and raises `BundleError` on anything wrong.
+
+numpy and the standard library only: devices read bundles without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.config import ModelConfig
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "Bundle",
+    "BundleError",
+    "WeightSpec",
+    "read_bundle",
+    "weight_layout",
+]
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "fedboard-bundle/1"
+VOCAB_FORMAT = "fedboard-vocab/1"
+MANIFEST = "manifest.json"
+TFLITE = "model.tflite"
+VOCAB = "vocab.json"
+WEIGHTS = "weights.f32"
+_MEMBERS = (TFLITE, VOCAB, WEIGHTS)
+# A bundle of the reference model is about 3.2 MB; refuse to inflate anything
+# absurd (a corrupt or hostile zip) before reading it into memory.
+_MAX_MEMBER_BYTES = 512 * 1024 * 1024
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed, so equal bundles are equal bytes
+
+
+class BundleError(ValueError):
+    """A training bundle is malformed, corrupt, or inconsistent."""
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Where one named weight tensor lives in the flat float32 vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "offset": self.offset, "size": self.size}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "WeightSpec":
+        try:
+            return cls(
+                name=str(d["name"]),
+                shape=tuple(int(s) for s in d["shape"]),
+                offset=int(d["offset"]),
+                size=int(d["size"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"bad layout entry {d!r}: {exc}") from exc
+
+
+def weight_layout(config: ModelConfig) -> tuple[WeightSpec, ...]:
+    """The flat-vector layout of the CIFG model, in the order of `get_weights`.
+
+    Gate blocks inside the 3*units axis are ordered (input i, candidate g, output o);
+    the forget gate is 1 - i.
+    """
+    v, e, u = config.vocab_size, config.embed_dim, config.units
+    shapes = (
+        ("embedding", (v, e)),
+        ("cifg/kernel", (e, 3 * u)),
+        ("cifg/recurrent_kernel", (u, 3 * u)),
+        ("cifg/bias", (3 * u,)),
+        ("projection", (u, e)),
+        ("output_bias", (v,)),
+    )
+    specs, offset = [], 0
+    for name, shape in shapes:
+        size = int(np.prod(shape))
+        specs.append(WeightSpec(name, shape, offset, size))
+        offset += size
+    return tuple(specs)
+
+
+def _check_layout(layout: tuple[WeightSpec, ...], param_count: int) -> None:
+    offset = 0
+    for spec in layout:
+        if spec.offset != offset:
+            raise BundleError(
+                f"layout entry {spec.name!r} starts at {spec.offset}, expected {offset} "
+                "(entries must be contiguous and in order)"
+            )
+        if spec.size != int(np.prod(spec.shape, dtype=np.int64)):
+            raise BundleError(f"layout entry {spec.name!r}: size {spec.size} != prod{spec.shape}")
+        offset += spec.size
+    if offset != param_count:
+        raise BundleError(
+            f"layout covers {offset} parameters but the config has {param_count}; "
+            "the bundle was built for a different model"
+        )
+
+
+def _check_vocab(vocab_json: Any, config: ModelConfig) -> None:
+    if not isinstance(vocab_json, dict):
+        raise BundleError(f"vocab_json must be a dict, got {type(vocab_json).__name__}")
+    words = vocab_json.get("words")
+    if not isinstance(words, list):
+        raise BundleError("vocab_json has no 'words' list (expected fedboard-vocab/1)")
+    if len(words) != config.vocab_size:
+        raise BundleError(
+            f"vocabulary has {len(words)} words but the model's vocab_size is {config.vocab_size}"
+        )
+
+
+def _canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _sha256(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _weights_bytes(weights: np.ndarray) -> bytes:
+    return np.ascontiguousarray(weights, dtype="<f4").tobytes()
+
+
+@dataclass(frozen=True, eq=False)
+class Bundle:
+    """An immutable, verified training bundle. Build one with `Bundle.create`.
+
+    Equality and hashing go by `sha256`, which covers every member.
+    """
+
+    config: ModelConfig
+    vocab_json: dict
+    tflite: bytes
+    layout: tuple[WeightSpec, ...]
+    initial_weights: np.ndarray
+    sha256: str
+
+    def __post_init__(self) -> None:
+        p = self.config.param_count
+        _check_layout(self.layout, p)
+        _check_vocab(self.vocab_json, self.config)
+        w = self.initial_weights
+        if not isinstance(w, np.ndarray) or w.dtype != np.float32 or w.shape != (p,):
+            raise BundleError(
+                f"initial_weights must be float32[{p}], got "
+                f"{getattr(w, 'dtype', type(w).__name__)}{list(getattr(w, 'shape', ()))}"
+            )
+        if not np.all(np.isfinite(w)):
+            raise BundleError("initial_weights contain NaN or infinity")
+        if not isinstance(self.tflite, bytes) or self.tflite[4:8] != b"TFL3":
+            raise BundleError("model.tflite is not a TFLite flatbuffer (no TFL3 identifier)")
+        w.setflags(write=False)  # the bundle's hash covers these bytes
+        expected = _sha256(self._manifest_bytes())
+        if self.sha256 != expected:
+            raise BundleError(
+                f"bundle sha256 {self.sha256!r} does not match its contents ({expected!r})"
+            )
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def create(
+        cls,
+        config: ModelConfig,
+        vocab_json: dict,
+        tflite: bytes,
+        initial_weights: np.ndarray,
+        layout: tuple[WeightSpec, ...] | None = None,
+    ) -> "Bundle":
+        """Assemble a bundle and compute its identity."""
+        layout = weight_layout(config) if layout is None else tuple(layout)
+        weights = np.array(initial_weights, dtype=np.float32, copy=True)
+        proto = object.__new__(cls)
+        for name, value in (
+            ("config", config),
+            ("vocab_json", vocab_json),
+            ("tflite", bytes(tflite)),
+            ("layout", layout),
+            ("initial_weights", weights),
+        ):
+            object.__setattr__(proto, name, value)
+        sha = _sha256(proto._manifest_bytes())
+        return cls(config, vocab_json, bytes(tflite), layout, weights, sha)
+
+    def with_initial_weights(self, weights: np.ndarray) -> "Bundle":
+        """The same graph and vocabulary starting from other weights (a new model id)."""
+        return Bundle.create(self.config, self.vocab_json, self.tflite, weights, self.layout)
+
+    # ----------------------------------------------------------------- access
+    @property
+    def param_count(self) -> int:
+        return self.config.param_count
+
+    @property
+    def model_id(self) -> str:
+        return "cifg-" + self.sha256[:12]
+
+    def split_weights(self, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """Named views (no copies) of a flat weight vector, shaped per the layout."""
+        if weights.shape != (self.param_count,):
+            raise ValueError(f"expected a flat vector of {self.param_count}, got shape {weights.shape}")
+        return {s.name: weights[s.offset : s.offset + s.size].reshape(s.shape) for s in self.layout}
+
+    # --------------------------------------------------------- serialization
+    def _member_bytes(self) -> dict[str, bytes]:
+        return {
+            TFLITE: self.tflite,
+            VOCAB: _canonical_json(self.vocab_json),
+            WEIGHTS: _weights_bytes(self.initial_weights),
+        }
+
+    def _manifest_bytes(self) -> bytes:
+        members = self._member_bytes()
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "model": "cifg",
+            "config": self.config.to_dict(),
+            "param_count": self.config.param_count,
+            "layout": [s.to_dict() for s in self.layout],
+            "weights_dtype": "<f4",
+            "members": {
+                name: {"sha256": _sha256(data), "size": len(data)} for name, data in members.items()
+            },
+        }
+        return _canonical_json(manifest)
+
+    def to_bytes(self) -> bytes:
+        """Deterministic zip bytes (equal bundles give equal bytes)."""
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            members = {MANIFEST: self._manifest_bytes(), **self._member_bytes()}
+            for name, data in members.items():
+                info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16
+                zf.writestr(info, data, compresslevel=6)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Bundle":
+        """Parse and verify a bundle; raises `BundleError` saying what is wrong."""
+        try:
+            zf = zipfile.ZipFile(io.BytesIO(data))
+        except (zipfile.BadZipFile, ValueError, OSError) as exc:
+            raise BundleError(f"not a training bundle (not a zip file): {exc}") from exc
+        with zf:
+            names = set(zf.namelist())
+            missing = [m for m in (MANIFEST, *_MEMBERS) if m not in names]
+            if missing:
+                raise BundleError(f"bundle is missing member(s) {missing}; found {sorted(names)}")
+            extra = sorted(names - {MANIFEST, *_MEMBERS})
+            if extra:
+                raise BundleError(f"bundle has unexpected member(s) {extra}")
+            manifest_bytes = _read_member(zf, MANIFEST, None)
+            try:
+                manifest = json.loads(manifest_bytes)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise BundleError(f"manifest.json is not valid JSON: {exc}") from exc
+            if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+                got = manifest.get("format") if isinstance(manifest, dict) else None
+                raise BundleError(f"unsupported bundle format {got!r}; this reader knows {BUNDLE_FORMAT!r}")
+            try:
+                config = ModelConfig.from_dict(manifest["config"])
+                layout = tuple(WeightSpec.from_dict(d) for d in manifest["layout"])
+                member_info = manifest["members"]
+                contents = {}
+                for name in _MEMBERS:
+                    info = member_info[name]
+                    blob = _read_member(zf, name, int(info["size"]))
+                    if _sha256(blob) != info["sha256"]:
+                        raise BundleError(
+                            f"member {name} is corrupt: sha256 {_sha256(blob)} != manifest {info['sha256']}"
+                        )
+                    contents[name] = blob
+            except BundleError:
+                raise
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BundleError(f"manifest.json is incomplete or malformed: {exc!r}") from exc
+        _check_layout(layout, config.param_count)
+        if len(contents[WEIGHTS]) != 4 * config.param_count:
+            raise BundleError(
+                f"weights.f32 holds {len(contents[WEIGHTS])} bytes, expected 4 * {config.param_count}"
+            )
+        try:
+            vocab_json = json.loads(contents[VOCAB])
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"vocab.json is not valid JSON: {exc}") from exc
+        weights = np.frombuffer(contents[WEIGHTS], dtype="<f4").astype(np.float32)
+        bundle = cls(config, vocab_json, contents[TFLITE], layout, weights, _sha256(manifest_bytes))
+        return bundle
+
+    def write(self, path: str | Path) -> Path:
+        """Write atomically (temp file + rename), so a reader never sees half a bundle."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(self.to_bytes())
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Bundle":
+        return read_bundle(path)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Bundle) and other.sha256 == self.sha256
+
+    def __hash__(self) -> int:
+        return hash(self.sha256)
+
+    def __repr__(self) -> str:
+        return (
+            f"Bundle(model_id={self.model_id!r}, params={self.param_count}, "
+            f"tflite={len(self.tflite)} B, config={self.config})"
+        )
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, expected_size: int | None) -> bytes:
+    info = zf.getinfo(name)
+    if info.file_size > _MAX_MEMBER_BYTES:
+        raise BundleError(f"member {name} claims {info.file_size} bytes, over the {_MAX_MEMBER_BYTES} limit")
+    if expected_size is not None and info.file_size != expected_size:
+        raise BundleError(f"member {name} is {info.file_size} bytes but the manifest says {expected_size}")
+    try:
+        return zf.read(name)
+    except Exception as exc:  # BadZipFile (CRC), zlib.error, EOFError: a damaged archive
+        raise BundleError(f"member {name} cannot be read (damaged archive): {exc}") from exc
+
+
+def read_bundle(path: str | Path) -> Bundle:
+    """Read and verify a bundle file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"cannot read bundle {path}: {exc}") from exc
+    return Bundle.from_bytes(data)
