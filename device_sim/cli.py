@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedboard", description="Federated next-word prediction over MQTT.")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from edge_client.commands import register as register_device_commands
+
+    register_device_commands(sub)
 
     sim = sub.add_parser("simulate", help="run a simulated fleet, aggregator and broker in one process")
     _add_corpus_args(sim)
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "handler", None) is not None:
+            return args.handler(args)
         if args.command == "simulate":
             return _simulate(args)
         if args.command == "train-central":

@@ -38,6 +38,7 @@ from edge_client.device import DeviceClient, DeviceConfig
 from edge_client.eligibility import EligibilityPolicy
 from edge_client.linux_platform import LinuxPlatform
 from edge_client.platform import Platform
+from edge_client.outbox import Outbox
 from edge_client.residuals import ResidualStore
 from edge_client.text_windows import StoreWindows
 from edge_client.textstore import TextStore
@@ -434,7 +435,7 @@ class ClientApp:
             DeviceConfig(fleet=cfg.device.fleet, device_id=cfg.device.id, mqtt=cfg.mqtt_settings(),
                          keep_model=True, platform_name="linux"),
             pool, windows, self.trust, residuals=ResidualStore(self.state_dir),
-            eligibility=self.gate, on_event=self._on_event,
+            outbox=Outbox(self.state_dir / "outbox"), eligibility=self.gate, on_event=self._on_event,
         )
         with self._stop_lock:
             self.store, self.device = store, device

@@ -20,6 +20,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.client import CallbackAPIVersion
 
+from edge_client.outbox import Outbox
 from edge_client.residuals import ResidualStore
 from edge_client.trainer import InterpreterPool, TrainSettings, WindowSource, train_round
 from protocol.codec import parse_codec
@@ -79,6 +80,7 @@ class DeviceClient:
         trust: ModelTrust,
         *,
         residuals: ResidualStore | None = None,
+        outbox: Outbox | None = None,
         eligibility: Eligibility | None = None,
         executor: Executor | None = None,
         on_event: Callable[[str, dict], None] | None = None,
@@ -89,6 +91,7 @@ class DeviceClient:
         self.windows = windows
         self.trust = trust
         self.residuals = residuals or ResidualStore(None)
+        self.outbox = outbox
         self.eligibility = eligibility
         self.stats = DeviceStats()
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=config.device_id)
@@ -162,6 +165,8 @@ class DeviceClient:
                 subs.append((self.topics.model, 1))
         client.subscribe(subs)
         client.publish(self.topics.status(me), self._status_payload("online"), qos=1, retain=True)
+        if self.outbox is not None and len(self.outbox):
+            self._executor.submit(self._flush_outbox)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, reason_code: object,
                        properties: object = None) -> None:
@@ -197,6 +202,7 @@ class DeviceClient:
 
     def _maybe_check_in(self, plan: RoundPlan) -> None:
         if plan.model_id != self.pool.bundle.model_id:
+            self._event("model_mismatch", round=plan.round_id, model_id=plan.model_id)
             log.warning("%s: round %d is for model %s, this device has %s", self.config.device_id,
                         plan.round_id, plan.model_id, self.pool.bundle.model_id)
             return
@@ -318,13 +324,44 @@ class DeviceClient:
         env = Envelope(Kind.UPDATE, self.config.fleet, self.config.device_id, round=plan.round_id,
                        base_version=plan.base_version, example_count=local.result.examples, codec=codec.spec,
                        meta=to_dict(meta), payload=encoded.payload)
-        self._publish(self.topics.update(self.config.device_id), env)
+        self._send_update(self.topics.update(self.config.device_id), env, plan)
         if encoded.residual is not None:
             self.residuals.save(encoded.residual)
         self.stats.rounds_trained += 1
         self.stats.updates_sent += 1
         self._event("sent", round=plan.round_id, bytes=len(encoded.payload), loss=local.result.mean_loss)
         self._release_model()
+
+    def _send_update(self, topic: str, env: Envelope, plan: RoundPlan) -> None:
+        """Publish with QoS 1; with an outbox the update is on disk first and leaves it on PUBACK."""
+        data = env.encode()
+        self.stats.uplink_bytes += len(data)
+        if self.outbox is None:
+            self._client.publish(topic, data, qos=1)
+            return
+        remaining = max(0.0, plan.report_deadline_s - (time.monotonic() - self._plan_at))
+        item = self.outbox.put(topic, plan.round_id, time.time() + remaining, data)
+        self._publish_and_confirm(item, topic, data, timeout_s=min(remaining, 60.0))
+
+    def _publish_and_confirm(self, item: str, topic: str, data: bytes, timeout_s: float) -> None:
+        info = self._client.publish(topic, data, qos=1)
+        try:
+            info.wait_for_publish(max(timeout_s, 0.1))
+        except (RuntimeError, ValueError) as exc:  # not connected: stays in the outbox
+            log.info("%s: update kept in the outbox (%s)", self.config.device_id, exc)
+            return
+        if info.is_published():
+            self.outbox.mark_sent(item)  # type: ignore[union-attr]
+
+    def _flush_outbox(self) -> None:
+        """After a (re)connect: re-send what is still useful, drop what missed its round."""
+        assert self.outbox is not None
+        for item in self.outbox.pending():
+            if item.expired():
+                self.outbox.drop(item.id, f"round {item.round_id} deadline passed before it could be sent")
+                continue
+            log.info("%s: re-sending the update for round %d from the outbox", self.config.device_id, item.round_id)
+            self._publish_and_confirm(item.id, item.topic, item.data, timeout_s=min(60.0, item.deadline_unix - time.time()))
 
     def _release_model(self) -> None:
         if not self.config.keep_model:
@@ -344,10 +381,7 @@ class DeviceClient:
 
     # ---- helpers -------------------------------------------------------------------------
     def _publish(self, topic: str, env: Envelope) -> None:
-        data = env.encode()
-        if env.kind == Kind.UPDATE:
-            self.stats.uplink_bytes += len(data)
-        self._client.publish(topic, data, qos=1)
+        self._client.publish(topic, env.encode(), qos=1)
 
     def _event(self, name: str, **fields: object) -> None:
         if self._on_event is not None:

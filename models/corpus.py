@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import BinaryIO, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +50,28 @@ class Corpus:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line without its newline) of a UTF-8 text file, as CorpusErrors on failure."""
-    lineno = 0
+    """(line number, line without its newline) of a UTF-8 text file, as CorpusErrors on failure.
+
+    Reads bytes and decodes line by line, so an encoding error names its own line.
+    """
     try:
-        f: TextIO
-        with open(path, encoding="utf-8", newline=None) as f:
-            for lineno, line in enumerate(f, 1):
+        f: BinaryIO
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise CorpusError(f"not valid UTF-8 ({e.reason} at byte {e.start} of the line); "
+                                      "save the file as UTF-8", path=path, line=lineno) from None
+                if lineno == 1 and line.startswith("\ufeff"):  # a BOM, as Windows editors write
+                    line = line[1:]
                 yield lineno, line.rstrip("\r\n")
     except FileNotFoundError:
         raise CorpusError("file not found", path=path) from None
     except IsADirectoryError:
         raise CorpusError("is a directory, not a file (use format 'dir' for one file per user)", path=path) from None
-    except UnicodeDecodeError as e:
-        raise CorpusError(f"not valid UTF-8 ({e.reason} at byte {e.start} of the line)", path=path, line=lineno + 1) from None
-    except OSError as e:
-        raise CorpusError(f"cannot read: {e.strerror}", path=path) from None
+    except PermissionError:
+        raise CorpusError("permission denied", path=path) from None
 
 
 def _paragraphs(path: Path) -> Iterator[tuple[int, list[str]]]:
