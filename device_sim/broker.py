@@ -33,6 +33,27 @@ def parse_broker(text: str) -> BrokerAddress:
     return BrokerAddress(host, int(port))
 
 
+def _patched_broker_class() -> type:
+    """amqtt 0.12 with one bug fixed.
+
+    On every new connection amqtt sends the new client the retained messages of EVERY topic
+    filter ANY client subscribed to (and iterates that dict across awaits, which fails with
+    "dictionary changed size during iteration" when clients connect concurrently). A device
+    would receive the 3 MB model and bundle it never asked for. Here retained messages go only
+    to a session that really holds the subscription, as MQTT specifies.
+    """
+    from amqtt.broker import Broker
+
+    class FixedBroker(Broker):
+        async def _publish_retained_messages_for_subscription(self, subscription, session) -> None:
+            holders = self._subscriptions.get(subscription[0], ())
+            if not any(s is session or s.client_id == session.client_id for s, _ in holders):
+                return
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return FixedBroker
+
+
 class EmbeddedBroker:
     """amqtt broker on 127.0.0.1; use as a context manager; `address` once started."""
 
@@ -76,8 +97,7 @@ class EmbeddedBroker:
         return self.address
 
     async def _start_broker(self) -> None:
-        from amqtt.broker import Broker
-
+        Broker = _patched_broker_class()
         config = {
             "listeners": {"default": {"type": "tcp", "bind": self._bind, "max_connections": -1}},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},

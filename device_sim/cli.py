@@ -65,8 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hoist_global_options(argv: list[str]) -> list[str]:
+    """Accept `--log-level X` anywhere on the line, not only before the subcommand."""
+    out, hoisted, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--log-level" and i + 1 < len(argv):
+            hoisted += argv[i:i + 2]
+            i += 2
+            continue
+        if argv[i].startswith("--log-level="):
+            hoisted.append(argv[i])
+        else:
+            out.append(argv[i])
+        i += 1
+    return hoisted + out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_hoist_global_options(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if getattr(args, "handler", None) is not None:

@@ -22,6 +22,7 @@ from aggregator.server import Aggregator, AggregatorConfig
 from device_sim.broker import BrokerAddress, EmbeddedBroker, parse_broker
 from device_sim.report import machine, peak_rss_mb, plot_accuracy, write_report
 from edge_client.device import DeviceClient, DeviceConfig
+from edge_client.mqtt_hub import MqttHub, raise_fd_limit
 from edge_client.residuals import ResidualStore
 from edge_client.trainer import ArrayWindows, InterpreterPool
 from models.bundle_cache import get_or_export_bundle
@@ -106,6 +107,8 @@ def run_simulation(cfg: SimConfig) -> dict[str, Any]:
         settings = MqttSettings(host=address.host, port=address.port, mqtt_version=mqtt_version, keepalive_s=60)
         state_root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedboard-sim-")))
         executor = stack.enter_context(ThreadPoolExecutor(max_workers=pool.size, thread_name_prefix="train"))
+        raise_fd_limit(4 * len(users) + 1024)
+        hub = stack.enter_context(MqttHub("sim-devices"))
         agg = Aggregator(
             AggregatorConfig(
                 fleet=cfg.fleet, clients_per_round=cfg.clients_per_round, checkin_window_s=30.0,
@@ -118,7 +121,7 @@ def run_simulation(cfg: SimConfig) -> dict[str, Any]:
         )
         agg.start()
         stack.callback(agg.stop)
-        devices = _start_devices(cfg, task, users, pool, public_key, settings, state_root, executor)
+        devices = _start_devices(cfg, task, users, pool, public_key, settings, state_root, executor, hub)
         stack.callback(_stop_all, devices)
         _wait_connected(devices)
 
@@ -166,7 +169,8 @@ def _broker(cfg: SimConfig, stack: contextlib.ExitStack) -> BrokerAddress:
 
 
 def _start_devices(cfg: SimConfig, task: Task, users: list[str], pool: InterpreterPool, public_key: object,
-                   settings: MqttSettings, state_root: Path, executor: ThreadPoolExecutor) -> list[DeviceClient]:
+                   settings: MqttSettings, state_root: Path, executor: ThreadPoolExecutor,
+                   hub: MqttHub) -> list[DeviceClient]:
     taken: set[str] = set()
     devices = []
     for user in users:
@@ -175,13 +179,10 @@ def _start_devices(cfg: SimConfig, task: Task, users: list[str], pool: Interpret
         device = DeviceClient(
             DeviceConfig(fleet=cfg.fleet, device_id=device_id, mqtt=settings, seed=cfg.seed, platform_name="sim"),
             pool, ArrayWindows(data.train_x, data.train_y), ModelTrust(public_key, cfg.fleet, pool.bundle.model_id),
-            residuals=ResidualStore(state_root / device_id), executor=executor,
+            residuals=ResidualStore(state_root / device_id), executor=executor, hub=hub,
         )
         device.start()
         devices.append(device)
-        # amqtt 0.12 can fail a connect that races another client's subscribe ("dictionary changed
-        # size during iteration"); connecting one at a time avoids it and costs milliseconds.
-        _wait_connected([device], timeout_s=30.0)
     return devices
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.client import CallbackAPIVersion
 
+from edge_client.mqtt_hub import MqttHub
 from edge_client.outbox import Outbox
 from edge_client.residuals import ResidualStore
 from edge_client.trainer import InterpreterPool, TrainSettings, WindowSource, train_round
@@ -83,6 +84,7 @@ class DeviceClient:
         outbox: Outbox | None = None,
         eligibility: Eligibility | None = None,
         executor: Executor | None = None,
+        hub: MqttHub | None = None,
         on_event: Callable[[str, dict], None] | None = None,
     ) -> None:
         self.config = config
@@ -96,6 +98,8 @@ class DeviceClient:
         self.stats = DeviceStats()
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=config.device_id)
         self._own_executor = executor is None
+        self._hub = hub or MqttHub(f"mqtt-{config.device_id}")
+        self._own_hub = hub is None
         self._on_event = on_event
         self._lock = threading.RLock()
         self._plan: RoundPlan | None = None
@@ -129,11 +133,13 @@ class DeviceClient:
         client.on_subscribe = lambda *args: self.ready.set()
         return client
 
-    def start(self) -> None:
-        """Connect asynchronously; paho reconnects by itself after a lost connection."""
+    def start(self, delay_s: float = 0.0) -> None:
+        """Connect through the hub, which reconnects with jittered backoff after a loss."""
         settings = self.config.mqtt
-        self._client.connect_async(settings.host, settings.port, keepalive=settings.keepalive_s)
-        self._client.loop_start()
+        if self._own_hub:
+            self._hub.start()
+        self._hub.add(self._client, settings.host, settings.port, keepalive=settings.keepalive_s,
+                      backoff_min_s=settings.reconnect_min_s, backoff_max_s=settings.reconnect_max_s, delay_s=delay_s)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -143,8 +149,9 @@ class DeviceClient:
             info.wait_for_publish(2.0)
         except (RuntimeError, ValueError):
             pass  # not connected: the broker publishes the will instead
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._hub.remove(self._client)
+        if self._own_hub:
+            self._hub.stop()
         if self._own_executor:
             self._executor.shutdown(wait=True, cancel_futures=True)
 

@@ -24,8 +24,12 @@ def split_blocks(blocks: list[str], test_every: int = 5) -> tuple[list[str], lis
     return train, test
 
 
-def _windows_of(sequences: Sequence[Sequence[int]], seq_len: int) -> np.ndarray:
-    """Windows of every sequence, stacked in order: int32 [n, seq_len + 1]."""
+def windows_of_sequences(sequences: Sequence[Sequence[int]], seq_len: int = 20) -> np.ndarray:
+    """`make_windows` of every sequence, stacked in order: int32 [n, seq_len + 1].
+
+    One gather for all sequences (no Python loop over windows), so cutting a whole corpus or
+    a device's text store is cheap.
+    """
     if seq_len < 1:
         raise ValueError(f"seq_len must be at least 1, got {seq_len}")
     width = seq_len + 1
@@ -48,12 +52,15 @@ def _windows_of(sequences: Sequence[Sequence[int]], seq_len: int) -> np.ndarray:
     return windows if has_target.all() else windows[has_target]
 
 
+_windows_of = windows_of_sequences  # the name edge_client.text_windows imported first
+
+
 def make_windows(seq_ids: Sequence[int], seq_len: int = 20) -> np.ndarray:
     """int32 [n, seq_len + 1]: window k holds ids `k*seq_len .. k*seq_len + seq_len`.
 
     The last window is right-padded with PAD; windows without a non-PAD target are dropped.
     """
-    return _windows_of([seq_ids], seq_len)
+    return windows_of_sequences([seq_ids], seq_len)
 
 
 @dataclass
@@ -94,6 +101,6 @@ def partition_user(blocks: list[str], vocab: Vocabulary, seq_len: int = 20, *, u
                    test_every: int = 5) -> DeviceData:
     """Split `blocks`, encode each as `<bos> ... <eos>` and cut both splits into windows."""
     train, test = split_blocks(blocks, test_every)
-    train_x, train_y = windows_to_xy(_windows_of([vocab.encode_block(b) for b in train], seq_len))
-    test_x, test_y = windows_to_xy(_windows_of([vocab.encode_block(b) for b in test], seq_len))
+    train_x, train_y = windows_to_xy(windows_of_sequences([vocab.encode_block(b) for b in train], seq_len))
+    test_x, test_y = windows_to_xy(windows_of_sequences([vocab.encode_block(b) for b in test], seq_len))
     return DeviceData(user=user, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)

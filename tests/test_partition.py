@@ -3,7 +3,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.partition import DeviceData, count_scored, make_windows, partition_user, split_blocks
+from models.partition import (
+    DeviceData, count_scored, make_windows, partition_user, split_blocks, windows_of_sequences, windows_to_xy,
+)
 from models.tokenizer import BOS, EOS, OOV, PAD, build_vocabulary
 
 
@@ -67,6 +69,16 @@ def test_consecutive_windows_share_one_id(seq, seq_len):
     for k in range(len(w) - 1):
         assert w[k, -1] == w[k + 1, 0]
         assert w[k, -1] == seq[(k + 1) * seq_len]
+
+
+@settings(max_examples=100, deadline=None)
+@given(seqs=st.lists(sequences, max_size=8), seq_len=st.integers(min_value=1, max_value=25))
+def test_windows_of_sequences_equals_make_windows_stacked(seqs, seq_len):
+    expected = [make_windows(s, seq_len) for s in seqs]
+    got = windows_of_sequences(seqs, seq_len)
+    np.testing.assert_array_equal(got, np.concatenate(expected) if expected else np.zeros((0, seq_len + 1)))
+    x, y = windows_to_xy(got)
+    assert x.shape == y.shape == (len(got), seq_len) and x.flags.c_contiguous
 
 
 def test_partition_user_splits_encodes_and_windows():
