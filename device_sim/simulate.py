@@ -49,11 +49,11 @@ class SimConfig:
     clients_per_round: int = 20
     local_epochs: int = 1
     batch_size: int = 16
-    client_lr: float = 1.0
+    client_lr: float = 5.0
     codec: str = "q8"
     downlink: str = "f32"
-    server_optimizer: str = "fedavg"
-    server_lr: float = 1.0
+    server_optimizer: str = "fedadam"
+    server_lr: float = 0.05
     aggregation: str = "mean"
     seed: int = 0
     vocab_size: int = 5000
@@ -88,7 +88,7 @@ def run_simulation(cfg: SimConfig) -> dict[str, Any]:
     users = _pick_users(task, cfg)
     model_config = ModelConfig(vocab_size=task.vocab.size, embed_dim=cfg.embed_dim, units=cfg.units,
                                seq_len=cfg.seq_len, batch_size=cfg.batch_size)
-    bundle = get_or_export_bundle(model_config, task.vocab.to_json(), seed=cfg.seed)
+    bundle = get_or_export_bundle(model_config, task.vocab.to_json(), seed=cfg.seed, target_counts=task.target_counts())
     test_x, test_y = task.pooled_test()
     log.info("task %s: %d devices, vocabulary %d, %d test windows, model %s (%d parameters)", corpus.name,
              len(users), task.vocab.size, len(test_x), bundle.model_id, bundle.param_count)

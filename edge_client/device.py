@@ -35,6 +35,10 @@ from protocol.transport import MqttSettings, configure_client
 
 log = logging.getLogger(__name__)
 
+# How long a device waits for the retained delta of the round's base version before it
+# fetches the full model instead.
+DELTA_WAIT_S = 10.0
+
 
 @dataclass(frozen=True)
 class DeviceConfig:
@@ -108,6 +112,8 @@ class DeviceClient:
         self._assigned_round = -1
         self._training_round = -1
         self._fetching_model = False
+        self._fetch_topic: str | None = None   # model/current or model/delta while fetching
+        self._retry_at = 0.0                   # pace steering: no check-in before this (monotonic)
         self._model_version = -1
         self._weights: np.ndarray | None = None
         self._stopped = threading.Event()
@@ -169,7 +175,7 @@ class DeviceClient:
         subs = [(self.topics.round, 1), (self.topics.assign(me), 1), (self.topics.ack(me), 1)]
         with self._lock:
             if self._fetching_model:
-                subs.append((self.topics.model, 1))
+                subs.append((self._fetch_topic or self.topics.model, 1))
         client.subscribe(subs)
         client.publish(self.topics.status(me), self._status_payload("online"), qos=1, retain=True)
         if self.outbox is not None and len(self.outbox):
@@ -222,6 +228,10 @@ class DeviceClient:
         if n_train == 0:
             return
         with self._lock:
+            wait = self._retry_at - time.monotonic()
+            if wait > 0:  # pace steering: the aggregator asked us to come back later
+                self._schedule_check_in(plan, wait)
+                return
             if self._checked_in_round >= plan.round_id:
                 return
             self._checked_in_round = plan.round_id
@@ -233,25 +243,147 @@ class DeviceClient:
         assignment = Assignment.from_envelope(env)
         with self._lock:
             plan = self._plan
-            if plan is None or assignment.round_id != plan.round_id or not assignment.selected:
+            if plan is None or assignment.round_id != plan.round_id:
+                return
+            if not assignment.selected:
+                if assignment.retry_after_s > 0:
+                    self._retry_at = max(self._retry_at, time.monotonic() + assignment.retry_after_s)
                 return
             if self._assigned_round >= plan.round_id:
                 return  # QoS 1 redelivery
             self._assigned_round = plan.round_id
             have_model = self._weights is not None and self._model_version == plan.base_version
+            use_delta = (not have_model and plan.delta_downlink and self._weights is not None
+                         and self._model_version == plan.base_version - 1)
             if not have_model:
                 self._fetching_model = True
+                self._fetch_topic = self.topics.model_delta if use_delta else self.topics.model
         self._event("selected", round=plan.round_id)
         if have_model:
             self._start_training(plan)
+        elif use_delta:
+            self._fetch_delta(plan)
         else:
             self._client.subscribe(self.topics.model, 1)
+
+    # ---- pace steering -------------------------------------------------------------------
+    def _schedule_check_in(self, plan: RoundPlan, wait_s: float) -> None:
+        """Check in to `plan` after `wait_s` if its window is still open then (else the next plan will)."""
+        window_left = plan.checkin_window_s - (time.monotonic() - self._plan_at)
+        if wait_s >= window_left:
+            return
+        timer = threading.Timer(wait_s, self._retry_check_in, args=(plan,))
+        timer.daemon = True
+        timer.start()
+
+    def _retry_check_in(self, plan: RoundPlan) -> None:
+        with self._lock:
+            current = self._plan is plan and time.monotonic() - self._plan_at < plan.checkin_window_s
+        if current and not self._stopped.is_set():
+            self._maybe_check_in(plan)
+
+    # ---- model download: the delta against the version held, else the full model ----------
+    def _fetch_delta(self, plan: RoundPlan) -> None:
+        self._client.message_callback_add(self.topics.model_delta, self._on_delta_message)
+        self._client.subscribe(self.topics.model_delta, 1)
+        timer = threading.Timer(DELTA_WAIT_S, self._delta_timeout, args=(plan,))
+        timer.daemon = True
+        timer.start()
+
+    def _delta_timeout(self, plan: RoundPlan) -> None:
+        with self._lock:
+            waiting = self._fetching_model and self._fetch_topic == self.topics.model_delta and self._plan is plan
+        if waiting:
+            log.info("%s: no usable delta for v%d within %.0f s; fetching the full model", self.config.device_id,
+                     plan.base_version, DELTA_WAIT_S)
+            self._fall_back_to_full(plan)
+
+    def _fall_back_to_full(self, plan: RoundPlan) -> None:
+        with self._lock:
+            if not self._fetching_model or self._fetch_topic != self.topics.model_delta or self._plan is not plan:
+                return
+            self._fetch_topic = self.topics.model
+        self._client.unsubscribe(self.topics.model_delta)
+        self._client.subscribe(self.topics.model, 1)
+
+    def _on_delta_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self.stats.downlink_bytes += len(msg.payload)
+            env = decode_envelope(msg.payload, max_payload=self.config.max_payload, expect=Kind.MODEL)
+            self._handle_model_delta(env)
+        except ProtocolError as exc:
+            log.warning("%s: refused message on %s: %s", self.config.device_id, msg.topic, exc)
+            with self._lock:
+                plan = self._plan
+            if plan is not None:
+                self._fall_back_to_full(plan)
+        except Exception:  # a bug must not kill paho's network thread
+            log.exception("%s: error handling %s", self.config.device_id, msg.topic)
+
+    def _handle_model_delta(self, env: Envelope) -> None:
+        message = ModelMessage.from_envelope(env)
+        with self._lock:
+            plan = self._plan
+            wanted = self._fetching_model and self._fetch_topic == self.topics.model_delta and plan is not None
+            base, base_version = self._weights, self._model_version
+        if not wanted or message.version > plan.base_version:  # not fetching, or our plan is already stale
+            return
+        try:
+            if base is None or message.version != plan.base_version:
+                raise TrustError(Reason.STALE_BASE, f"retained delta is v{message.version}, the round needs "
+                                                    f"v{plan.base_version}")
+            weights = self._rebuild_from_delta(message, base, base_version)
+        except (ProtocolError, ValueError) as exc:
+            self.stats.models_refused += 1
+            log.warning("%s: cannot use the delta to v%d (%s); fetching the full model", self.config.device_id,
+                        message.version, exc)
+            self._fall_back_to_full(plan)
+            return
+        self._install_model(weights, message.version, plan, self.topics.model_delta)
+
+    def _rebuild_from_delta(self, message: ModelMessage, base: np.ndarray, base_version: int) -> np.ndarray:
+        """W_v = W_{v-1} + decode(delta), checked bit for bit against the signed manifest.
+
+        Nothing is decoded before the signature and payload hash hold; the trust state moves to
+        the new version only once the rebuilt weights match `weights_f32_sha256`, so a failed
+        delta leaves the device free to take the full model of the same version.
+        """
+        signed = SignedManifest.from_bytes(message.signed_manifest)
+        manifest = signed.verify(self.trust.public_key)
+        if manifest.model_id != self.pool.bundle.model_id or manifest.version != message.version:
+            raise TrustError(Reason.WRONG_MODEL, f"manifest is {manifest.model_id} v{manifest.version}, message says "
+                             f"v{message.version}, device runs {self.pool.bundle.model_id}")
+        if manifest.base_version != base_version:
+            raise TrustError(Reason.STALE_BASE, f"delta applies to v{manifest.base_version}, this device holds "
+                                                f"v{base_version}")
+        payload = message.weights_payload
+        if len(payload) != manifest.payload_len or hashlib.sha256(payload).hexdigest() != manifest.weights_sha256:
+            raise TrustError(Reason.BAD_HASH, "delta payload differs from the signed manifest")
+        base_sha = manifest.extra.get("base_f32_sha256")
+        if base_sha is not None and _f32_digest(base) != base_sha:
+            raise TrustError(Reason.STALE_BASE, "the weights this device holds are not the delta's base")
+        delta = parse_codec(manifest.codec).decode(payload, self._dim)
+        weights = np.add(np.asarray(base, dtype=np.float32), delta, dtype=np.float32)
+        expected = manifest.extra.get("weights_f32_sha256")
+        if expected is None or _f32_digest(weights) != expected:
+            raise ValueError("weights rebuilt from the delta do not match the manifest's checksum")
+        self.trust.accept(signed, payload)
+        return weights
+
+    def _install_model(self, weights: np.ndarray, version: int, plan: RoundPlan, topic: str) -> None:
+        with self._lock:
+            self._weights, self._model_version = weights, version
+            self._fetching_model = False
+            self._fetch_topic = None
+        self._client.unsubscribe(topic)
+        self._start_training(plan)
 
     def _handle_model(self, env: Envelope) -> None:
         message = ModelMessage.from_envelope(env)
         with self._lock:
             plan = self._plan
-            wanted = self._fetching_model and plan is not None and message.version == plan.base_version
+            wanted = (self._fetching_model and self._fetch_topic in (None, self.topics.model) and plan is not None
+                      and message.version == plan.base_version)
         if not wanted:
             return
         try:
@@ -261,19 +393,15 @@ class DeviceClient:
                 raise TrustError(Reason.WRONG_MODEL, f"manifest is {manifest.model_id} v{manifest.version}, "
                                  f"message says v{message.version}, device runs {self.pool.bundle.model_id}")
             weights = parse_codec(manifest.codec).decode(message.weights_payload, self._dim)
-            digest = hashlib.sha256(weights.tobytes()).hexdigest()
+            digest = _f32_digest(weights)
             if manifest.extra.get("weights_f32_sha256") not in (None, digest):
                 raise ValueError("decoded weights do not match the manifest's checksum")
         except (ProtocolError, ValueError) as exc:
             self.stats.models_refused += 1
             log.warning("%s: refused global model v%d: %s", self.config.device_id, message.version, exc)
             return
-        with self._lock:
-            self._weights, self._model_version = weights, message.version
-            self._fetching_model = False
-        self._client.unsubscribe(self.topics.model)
         assert plan is not None
-        self._start_training(plan)
+        self._install_model(weights, message.version, plan, self.topics.model)
 
     def _start_training(self, plan: RoundPlan) -> None:
         with self._lock:
@@ -308,7 +436,8 @@ class DeviceClient:
                     stop_reasons.extend(reasons)
             return bool(stop_reasons)
 
-        settings = TrainSettings(epochs=plan.local_epochs, lr=plan.lr, mu=plan.mu, max_steps=plan.max_steps)
+        settings = TrainSettings(epochs=plan.local_epochs, lr=plan.lr, mu=plan.mu, clip=plan.clip_norm,
+                                 max_steps=plan.max_steps)
         seed = hash_seed(self.config.seed, self.config.device_id, plan.round_id)
         local = train_round(self.pool, weights, self.windows.training_windows(), settings,
                             seed=seed, should_stop=should_stop)
@@ -393,6 +522,10 @@ class DeviceClient:
     def _event(self, name: str, **fields: object) -> None:
         if self._on_event is not None:
             self._on_event(name, {"device": self.config.device_id, **fields})
+
+
+def _f32_digest(weights: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(weights, dtype="<f4").tobytes()).hexdigest()
 
 
 def hash_seed(seed: int, device: str, round_id: int) -> int:

@@ -29,6 +29,7 @@ class TrainSettings:
     epochs: int = 1
     lr: float = 1.0
     mu: float = 0.0
+    clip: float = 5.0   # gradient clipping, global L2 norm per step; 0 = off
     max_steps: int = 0  # 0 = no cap
 
 
@@ -98,7 +99,7 @@ def train_round(
         if settings.mu > 0:
             model.set_anchor(weights)
         result = model.train(
-            x, y, epochs=settings.epochs, lr=settings.lr, rng=rng, mu=settings.mu,
+            x, y, epochs=settings.epochs, lr=settings.lr, rng=rng, mu=settings.mu, clip=settings.clip,
             should_stop=should_stop, max_steps=settings.max_steps or None,
         )
         new_weights = model.get_weights()

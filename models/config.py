@@ -12,6 +12,11 @@ from typing import Any
 __all__ = ["ModelConfig"]
 
 
+GRAPH_VERSION = 2
+"""Bumped whenever the exported training graph changes (signature inputs, ops), so cached
+bundles made by older code are not reused."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Sizes of the tied-embedding CIFG language model.

@@ -150,7 +150,7 @@ class LiteRTModel(_Predictor):
         self._set_anchor(weights=self._check_flat(w, "set_anchor"))
 
     # ----------------------------------------------------------- training
-    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float = 0.0) -> float:
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float = 0.0, clip: float = 0.0) -> float:
         """One SGD step on up to `batch_size` windows; returns the loss before the step.
 
         Fewer rows are padded with PAD rows, which the loss ignores, so the step is
@@ -168,7 +168,7 @@ class LiteRTModel(_Predictor):
             self._y_buf[:n] = y
             self._y_buf[n:] = PAD_ID
             x, y = self._x_buf, self._y_buf
-        out = self._train(x=x, y=y, lr=np.float32(lr), mu=np.float32(mu))
+        out = self._train(x=x, y=y, lr=np.float32(lr), mu=np.float32(mu), clip=np.float32(clip))
         return float(out["loss"])
 
     def train(
@@ -180,6 +180,7 @@ class LiteRTModel(_Predictor):
         lr: float,
         rng: np.random.Generator,
         mu: float = 0.0,
+        clip: float = 0.0,
         should_stop: Callable[[], bool] | None = None,
         max_steps: int | None = None,
     ) -> TrainResult:
@@ -207,7 +208,7 @@ class LiteRTModel(_Predictor):
                     stopped = True
                     break
                 idx = order[start : start + b]
-                losses.append(self.train_step(x[idx], y[idx], lr, mu))
+                losses.append(self.train_step(x[idx], y[idx], lr, mu, clip))
                 examples += len(idx)
             if stopped or (max_steps is not None and len(losses) >= max_steps):
                 break

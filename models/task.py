@@ -42,6 +42,14 @@ class Task:
         """All devices' test windows together: the benchmark's test set."""
         return self._pooled("test")
 
+    def target_counts(self) -> np.ndarray:
+        """How often each id is a training target (PAD never counts): the unigram prior."""
+        counts = np.zeros(self.vocab.size, dtype=np.int64)
+        for data in self.devices.values():
+            counts += np.bincount(data.train_y.ravel(), minlength=self.vocab.size)[: self.vocab.size]
+        counts[0] = 0
+        return counts
+
     def n_scored_test(self) -> int:
         """Test target positions that count (neither PAD nor OOV), over all devices."""
         return sum(count_scored(d.test_y) for d in self.devices.values())

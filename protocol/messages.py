@@ -96,6 +96,11 @@ class RoundPlan:
     mu: float = 0.0
     max_steps: int = 0
     downlink: str = "f32"
+    clip_norm: float = 5.0  # local gradient clipping (global L2 norm per step); 0 = off
+    # True when the aggregator also publishes the base version as a signed delta against the
+    # version before it (`model/delta`): a device that still holds that version fetches the
+    # small delta instead of the full model, and falls back to the full one if it cannot.
+    delta_downlink: bool = False
 
     def to_envelope(self, fleet: str) -> Envelope:
         return Envelope(Kind.PLAN, fleet, round=self.round_id, base_version=self.base_version, meta=to_dict(self))

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from models.bundle import weight_layout
-from models.cifg import CIFGModule, build_training_module, initial_weights, masked_cross_entropy
+from models.cifg import EMBED_INIT, CIFGModule, build_training_module, initial_weights, masked_cross_entropy, unigram_log_prior
 from models.config import ModelConfig
 
 CONFIG = ModelConfig(vocab_size=40, embed_dim=8, units=16, seq_len=5, batch_size=3)
@@ -48,11 +48,34 @@ def test_initial_weights_are_seeded_and_shaped():
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     parts = {s.name: a[s.offset : s.offset + s.size].reshape(s.shape) for s in weight_layout(CONFIG)}
-    assert np.abs(parts["embedding"]).max() <= 0.05
+    assert np.abs(parts["embedding"]).max() <= EMBED_INIT
     np.testing.assert_allclose(parts["cifg/bias"][: CONFIG.units], -1.0)  # f = 1 - i starts near 0.73
     np.testing.assert_array_equal(parts["output_bias"], 0.0)
     rec = parts["cifg/recurrent_kernel"]
     np.testing.assert_allclose(rec @ rec.T, np.eye(CONFIG.units), atol=1e-5)  # orthogonal rows
+
+
+def test_output_prior_sets_the_output_bias_to_unigram_log_frequencies():
+    counts = np.arange(CONFIG.vocab_size, dtype=np.int64)[::-1].copy()
+    counts[0] = 0
+    prior = unigram_log_prior(counts)
+    assert abs(prior.mean()) < 1e-9 and prior[1] > prior[-1]  # more frequent ids start higher
+    w = initial_weights(CONFIG, 0, output_prior=prior)
+    spec = {s.name: s for s in weight_layout(CONFIG)}["output_bias"]
+    np.testing.assert_allclose(w[spec.offset : spec.offset + spec.size], prior.astype(np.float32))
+    with pytest.raises(ValueError, match="output_prior"):
+        initial_weights(CONFIG, 0, output_prior=prior[:-1])
+
+
+def test_gradient_clipping_bounds_the_step():
+    """With clip c and lr 1, no weight moves by more than c in total L2 norm."""
+    module = build_training_module(CONFIG, seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.integers(4, CONFIG.vocab_size, size=(CONFIG.batch_size, CONFIG.seq_len)).astype(np.int32)
+    before = module.get_weights()["weights"].numpy()
+    module.train(tf.constant(x), tf.constant(x), tf.constant(1.0), tf.constant(0.0), tf.constant(1e-3))
+    moved = np.linalg.norm(module.get_weights()["weights"].numpy() - before)
+    assert 0 < moved <= 1e-3 * (1 + 1e-4)
 
 
 def test_get_and_set_weights_round_trip():
@@ -85,7 +108,7 @@ def test_train_step_is_sgd_on_the_masked_loss():
     with tf.GradientTape() as tape:
         loss = masked_cross_entropy(module.logits(tf.constant(x)), tf.constant(y), CONFIG.vocab_size)
     grad = np.concatenate([tf.convert_to_tensor(g).numpy().reshape(-1) for g in tape.gradient(loss, module.weights)])
-    out = module.train(tf.constant(x), tf.constant(y), tf.constant(0.1), tf.constant(0.0))
+    out = module.train(tf.constant(x), tf.constant(y), tf.constant(0.1), tf.constant(0.0), tf.constant(0.0))
     assert float(out["loss"]) == pytest.approx(float(loss), rel=1e-6)
     np.testing.assert_allclose(module.get_weights()["weights"].numpy(), w0 - 0.1 * grad, atol=1e-6)
 
@@ -97,6 +120,6 @@ def test_fedprox_term_and_its_gradient():
     module.set_anchor(tf.constant(anchor))
     x = np.zeros((3, CONFIG.seq_len), np.int32)  # all PAD: the data loss and its gradient are 0
     mu, lr = 2.0, 0.1
-    out = module.train(tf.constant(x), tf.constant(x), tf.constant(lr), tf.constant(mu))
+    out = module.train(tf.constant(x), tf.constant(x), tf.constant(lr), tf.constant(mu), tf.constant(0.0))
     assert float(out["loss"]) == pytest.approx(0.5 * mu * np.sum((w0 - anchor) ** 2), rel=1e-4)
     np.testing.assert_allclose(module.get_weights()["weights"].numpy(), w0 - lr * mu * (w0 - anchor), atol=1e-6)

@@ -52,7 +52,7 @@ def test_litert_sgd_matches_tensorflow(bundle):
     rng = np.random.default_rng(0)
     for step in range(5):
         x, y = windows(rng, CONFIG.batch_size)
-        tf_loss = float(module.train(tf.constant(x), tf.constant(y), tf.constant(0.5), tf.constant(0.0))["loss"])
+        tf_loss = float(module.train(tf.constant(x), tf.constant(y), tf.constant(0.5), tf.constant(0.0), tf.constant(0.0))["loss"])
         lite_loss = model.train_step(x, y, lr=0.5)
         assert abs(tf_loss - lite_loss) < 1e-5, (step, tf_loss, lite_loss)
     np.testing.assert_allclose(model.get_weights(), module.get_weights()["weights"].numpy(), atol=1e-5)
@@ -91,7 +91,7 @@ def test_fedprox_step_matches_tensorflow(bundle):
     mu = 0.7
     for _ in range(3):
         x, y = windows(rng, CONFIG.batch_size)
-        tf_loss = float(module.train(tf.constant(x), tf.constant(y), tf.constant(0.2), tf.constant(mu))["loss"])
+        tf_loss = float(module.train(tf.constant(x), tf.constant(y), tf.constant(0.2), tf.constant(mu), tf.constant(0.0))["loss"])
         assert abs(model.train_step(x, y, lr=0.2, mu=mu) - tf_loss) < 1e-4
     np.testing.assert_allclose(model.get_weights(), module.get_weights()["weights"].numpy(), atol=1e-5)
 
