@@ -40,6 +40,7 @@ class MosquittoBroker:
         self.persistence = persistence
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fedboard-mosquitto-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
         self.address = BrokerAddress("127.0.0.1", self.port)
 
