@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edge_client.commands import register as register_device_commands
 
     register_device_commands(sub)
+    from aggregator.commands import register as register_aggregator_commands
+
+    register_aggregator_commands(sub)
 
     sim = sub.add_parser("simulate", help="run a simulated fleet, aggregator and broker in one process")
     _add_corpus_args(sim)
@@ -48,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--server-optimizer", default="fedadam", help="fedavg, fedavgm, fedadam, fedyogi, fedadagrad")
     sim.add_argument("--server-lr", type=float, default=0.05)
     sim.add_argument("--aggregation", default="mean", help="mean, clip:C|mean, trimmed:F, median")
+    sim.add_argument("--over-selection", type=float, default=1.3, help="cohort = clients-per-round x this (default 1.3)")
+    sim.add_argument("--mu", type=float, default=0.0, help="FedProx proximal term (0 = off)")
+    sim.add_argument("--client-clip", type=float, default=5.0, help="per-step gradient clipping on devices (0 = off)")
+    sim.add_argument("--downlink-delta", default="", help="also publish a delta downlink with this codec (e.g. q8)")
     sim.add_argument("--broker", help="HOST:PORT of an external MQTT broker (default: embedded amqtt)")
     sim.add_argument("--mqtt-version", type=int, choices=(3, 5), default=None)
     sim.add_argument("--pool-size", type=int, default=0, help="TFLite interpreters (default: one per core)")
@@ -105,7 +112,8 @@ def _simulate(args: argparse.Namespace) -> int:
         corpus=args.corpus, format=args.format, devices=args.devices, rounds=rounds,
         clients_per_round=args.clients_per_round, local_epochs=args.local_epochs, batch_size=args.batch_size,
         client_lr=args.client_lr, codec=args.codec, downlink=args.downlink, server_optimizer=args.server_optimizer,
-        server_lr=args.server_lr, aggregation=args.aggregation, seed=args.seed, vocab_size=args.vocab_size,
+        server_lr=args.server_lr, aggregation=args.aggregation, seed=args.seed, over_selection=args.over_selection,
+        mu=args.mu, client_clip=args.client_clip, downlink_delta=args.downlink_delta, vocab_size=args.vocab_size,
         seq_len=args.seq_len, embed_dim=args.embed_dim, units=args.units, broker=args.broker,
         mqtt_version=args.mqtt_version or 0, pool_size=args.pool_size, eval_every=args.eval_every, out=args.out,
         progress=not args.no_progress,

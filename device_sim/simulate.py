@@ -55,6 +55,10 @@ class SimConfig:
     server_optimizer: str = "fedadam"
     server_lr: float = 0.05
     aggregation: str = "mean"
+    over_selection: float = 1.3          # cohort = ceil(clients_per_round * over_selection)
+    mu: float = 0.0                      # FedProx proximal term
+    client_clip: float = 5.0
+    downlink_delta: str = ""             # codec of the delta downlink ("" = off)
     seed: int = 0
     vocab_size: int = 5000
     seq_len: int = 20
@@ -115,7 +119,8 @@ def run_simulation(cfg: SimConfig) -> dict[str, Any]:
                 expected_checkins=len(users), report_deadline_s=cfg.report_deadline_s, codec=cfg.codec,
                 downlink=cfg.downlink, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                 client_lr=cfg.client_lr, aggregation=cfg.aggregation, server_optimizer=cfg.server_optimizer,
-                server_lr=cfg.server_lr, seed=cfg.seed,
+                server_lr=cfg.server_lr, seed=cfg.seed, over_selection=cfg.over_selection, mu=cfg.mu,
+                client_clip=cfg.client_clip, downlink_delta=cfg.downlink_delta,
             ),
             bundle, settings, private_key, client_id=f"aggregator-{cfg.fleet}",
         )

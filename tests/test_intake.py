@@ -67,3 +67,50 @@ def test_corrupt_payload_is_a_validation_error():
     cut = Envelope(Kind.UPDATE, "demo", "d1", 3, 2, 10, "q8", {}, env.payload[: len(env.payload) // 2])
     with pytest.raises(ValidationError):
         validate_update(cut, state(), LIMITS)
+
+
+# -- the decode-into path and the rules added for production intake ---------------------------------------
+from aggregator.aggregation import make_aggregator  # noqa: E402
+from aggregator.intake import check_header, check_values, decode_into, max_payload_bytes, value_check  # noqa: E402
+
+
+def test_check_values_rules():
+    check_values(np.full(DIM, 0.01, np.float32), LIMITS)
+    for vec, reason in ((np.full(DIM + 1, 0.01, np.float32), Reason.WRONG_SIZE),
+                        (np.array([np.nan] + [0.0] * (DIM - 1), np.float32), Reason.NOT_FINITE),
+                        (np.array([np.inf] + [0.0] * (DIM - 1), np.float32), Reason.NOT_FINITE),
+                        (np.full(DIM, 1.0, np.float32), Reason.NORM_TOO_LARGE)):
+        with pytest.raises(ValidationError) as err:
+            check_values(vec, LIMITS)
+        assert err.value.reason is reason
+
+
+def test_decode_into_the_sum_with_the_value_check_leaves_the_sum_alone_on_rejection():
+    agg = make_aggregator("mean")
+    agg.reset(DIM)
+    env = update()
+    codec = check_header(env, state(), LIMITS)
+    agg.add_decoded_into(decode_into(codec, env.payload), 10.0, client_id="d1", check=value_check(LIMITS))
+    before = agg.state()["sum"].copy()
+    big = update(device="d2", vec=np.full(DIM, 5.0, np.float32))
+    with pytest.raises(ValidationError) as err:
+        agg.add_decoded_into(decode_into(codec, big.payload), 10.0, client_id="d2", check=value_check(LIMITS))
+    assert err.value.reason is Reason.NORM_TOO_LARGE
+    with pytest.raises(ValidationError) as err:  # a corrupt payload: a typed rejection, not a poisoned sum
+        agg.add_decoded_into(decode_into(codec, env.payload[:-7]), 10.0, client_id="d2", check=value_check(LIMITS))
+    np.testing.assert_array_equal(agg.state()["sum"], before)
+    assert agg.count == 1 and np.allclose(agg.result(), 0.01, atol=1e-3)
+
+
+def test_oversized_payload_refused_before_decoding():
+    codec = parse_codec("q8")
+    env = Envelope(Kind.UPDATE, "demo", "d1", 3, 2, 10, "q8", {}, bytes(max_payload_bytes(codec, DIM) + 1))
+    assert reason_of(env) is Reason.TOO_LARGE
+
+
+def test_a_redelivered_update_is_a_duplicate_even_after_the_round_closed():
+    st = state()
+    st.accepted.add("d1")
+    st.open = False
+    assert reason_of(update(), st) is Reason.DUPLICATE  # acked as counted, not as refused
+    assert reason_of(update(device="d2"), st) is Reason.ROUND_CLOSED

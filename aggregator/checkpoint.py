@@ -1,0 +1,222 @@
+"""Durable aggregator state: atomic `.npz` files (no pickle) in one checkpoint directory.
+
+Two files, because they change at different rates:
+- `model.npz`, written when a round commits (or is abandoned): the global weights and
+  version, the server optimizer's state, the cohort RNG, and the exact retained messages
+  (full model, delta) so a restart re-publishes byte-identical copies;
+- `round.npz`, written after every small batch of accepted check-ins and updates, BEFORE
+  they are acknowledged: the open round's plan, phase, check-ins, cohort, accepted ids and
+  the aggregator's running sum. An update the broker still holds unacknowledged is delivered
+  again after a crash, and one that was acknowledged is in the file: none is lost, and the
+  accepted ids make a redelivered one a duplicate, so none is counted twice.
+
+Every write goes to a temporary file in the same directory, is fsynced, and replaces the old
+file with an atomic rename (then the directory is fsynced): a crash or a full disk leaves
+the last good checkpoint in place. A lock file stops two aggregators sharing a directory.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MODEL_FILE = "model.npz"
+ROUND_FILE = "round.npz"
+INT8_FILE = "int8.fbm"
+LOCK_FILE = "lock"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message says what to do."""
+
+
+# -- atomic files ------------------------------------------------------------------------------
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Any) -> int:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return size
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        kept = f"the last good checkpoint {path} is kept" if path.exists() else f"there is no earlier {path}"
+        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc} ({kept}); free disk "
+                              "space or fix the directory, then restart the aggregator: updates not yet "
+                              "acknowledged will be delivered again") from exc
+
+
+def atomic_savez(path: Path, arrays: Mapping[str, Any]) -> int:
+    """Write `arrays` (numpy arrays, numbers, strings) as an uncompressed .npz, atomically."""
+    return _atomic_write(Path(path), lambda f: np.savez(f, **arrays))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> int:
+    return _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """All arrays of an .npz written by `atomic_savez` (pickles are refused)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({exc}); move it away to start afresh "
+                              "from the bundle's weights") from exc
+
+
+def text_array(items: list[str]) -> np.ndarray:
+    return np.array(items, dtype=np.str_) if items else np.zeros(0, dtype="<U1")
+
+
+def _scalar(data: Mapping[str, np.ndarray], key: str) -> Any:
+    try:
+        return np.asarray(data[key]).item()
+    except KeyError:
+        raise CheckpointError(f"checkpoint lacks {key!r}: written by another version?") from None
+
+
+def _prefixed(data: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
+
+
+# -- what is saved -----------------------------------------------------------------------------
+@dataclass
+class ModelCheckpoint:
+    """The committed state: what devices hold and what the next round starts from."""
+
+    version: int
+    last_round: int                      # the last round that ended (committed or abandoned)
+    weights: np.ndarray
+    optimizer: dict[str, Any]
+    rng_state: dict[str, Any]
+    model_envelope: bytes
+    delta_envelope: bytes = b""
+    extra: dict[str, Any] = field(default_factory=dict)   # JSON-able (pacing, counters)
+
+    def to_arrays(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "format": FORMAT, "version": self.version, "last_round": self.last_round,
+            "weights": np.ascontiguousarray(self.weights, dtype=np.float32),
+            "rng_state": json.dumps(self.rng_state), "extra": json.dumps(self.extra),
+            "model_envelope": np.frombuffer(self.model_envelope, dtype=np.uint8),
+            "delta_envelope": np.frombuffer(self.delta_envelope, dtype=np.uint8),
+        }
+        out.update({f"opt.{k}": v for k, v in self.optimizer.items()})
+        return out
+
+    @classmethod
+    def from_arrays(cls, data: Mapping[str, np.ndarray]) -> "ModelCheckpoint":
+        if _scalar(data, "format") != FORMAT:
+            raise CheckpointError(f"checkpoint format {_scalar(data, 'format')}, this aggregator reads {FORMAT}")
+        return cls(
+            version=int(_scalar(data, "version")), last_round=int(_scalar(data, "last_round")),
+            weights=np.asarray(data["weights"], dtype=np.float32), optimizer=_prefixed(data, "opt."),
+            rng_state=json.loads(_scalar(data, "rng_state")), extra=json.loads(_scalar(data, "extra")),
+            model_envelope=np.asarray(data["model_envelope"], dtype=np.uint8).tobytes(),
+            delta_envelope=np.asarray(data["delta_envelope"], dtype=np.uint8).tobytes(),
+        )
+
+
+@dataclass
+class RoundCheckpoint:
+    """The open round: `meta` is JSON-able; `aggregate` is the UpdateAggregator's state()."""
+
+    round_id: int
+    meta: dict[str, Any]
+    aggregate: dict[str, Any] | None = None
+
+    def to_arrays(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"format": FORMAT, "round_id": self.round_id, "meta": json.dumps(self.meta)}
+        if self.aggregate is not None:
+            out.update({f"agg.{k}": v for k, v in self.aggregate.items()})
+        return out
+
+    @classmethod
+    def from_arrays(cls, data: Mapping[str, np.ndarray]) -> "RoundCheckpoint":
+        if _scalar(data, "format") != FORMAT:
+            raise CheckpointError(f"round checkpoint format {_scalar(data, 'format')}, this aggregator reads {FORMAT}")
+        aggregate = _prefixed(data, "agg.") or None
+        return cls(int(_scalar(data, "round_id")), json.loads(_scalar(data, "meta")), aggregate)
+
+
+class CheckpointStore:
+    """The checkpoint directory of one aggregator (locked while it is open)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(f"cannot create checkpoint directory {self.directory}: {exc}") from exc
+        self._lock_fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise CheckpointError(f"another aggregator is using {self.directory}: run one aggregator per "
+                                  "checkpoint directory (scale-out workers need none)") from None
+        self.bytes_written = 0
+        self.writes = 0
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    @property
+    def model_path(self) -> Path:
+        return self.directory / MODEL_FILE
+
+    @property
+    def round_path(self) -> Path:
+        return self.directory / ROUND_FILE
+
+    def _count(self, size: int) -> None:
+        self.bytes_written += size
+        self.writes += 1
+
+    def save_model(self, checkpoint: ModelCheckpoint) -> None:
+        self._count(atomic_savez(self.model_path, checkpoint.to_arrays()))
+
+    def load_model(self) -> ModelCheckpoint | None:
+        return ModelCheckpoint.from_arrays(load_npz(self.model_path)) if self.model_path.exists() else None
+
+    def save_round(self, checkpoint: RoundCheckpoint) -> None:
+        self._count(atomic_savez(self.round_path, checkpoint.to_arrays()))
+
+    def load_round(self) -> RoundCheckpoint | None:
+        return RoundCheckpoint.from_arrays(load_npz(self.round_path)) if self.round_path.exists() else None
+
+    def save_int8(self, envelope: bytes) -> None:
+        self._count(atomic_write_bytes(self.directory / INT8_FILE, envelope))
+
+    def load_int8(self) -> bytes | None:
+        path = self.directory / INT8_FILE
+        return path.read_bytes() if path.exists() else None
