@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from aggregator.aggregation import make_aggregator
+from aggregator.dp import make_any_aggregator
 from aggregator.server_optimizers import make_server_optimizer
 from protocol.codec import parse_codec
 from protocol.envelope import DEFAULT_MAX_PAYLOAD
@@ -40,7 +40,8 @@ class AggregatorConfig:
     client_clip: float = 5.0             # devices clip each step's gradient to this global L2 norm (0 = off)
     max_steps: int = 0
     # -- intake and aggregation -----------------------------------------------------------------
-    aggregation: str = "mean"            # clip:C|mean, trimmed:F, median (see aggregation.SPEC_HELP)
+    aggregation: str = "mean"            # clip:C|mean, trimmed:F, median, dp:clip=C,noise=Z,expected=N (DP-FedAvg)
+    dp_delta: float = 1e-5               # delta at which DP-FedAvg's epsilon is reported
     server_optimizer: str = "fedavg"
     server_lr: float = 1.0
     server_options: str = ""             # more optimizer settings, e.g. "momentum=0.9" or "tau=1e-3,beta2=0.99"
@@ -102,7 +103,7 @@ class AggregatorConfig:
                     f"downlink {self.downlink!r} is lossy, and a delta downlink needs a lossless full model "
                     "(devices on either path must end up with the same weights): use downlink 'f32' or "
                     "'f32|zstd' and put the compression in downlink_delta")
-        make_aggregator(self.aggregation)
+        make_any_aggregator(self.aggregation)
         self.make_server_optimizer()
         if self.workers and not self.aggregation.split("|")[-1].strip().startswith("mean"):
             raise ValueError(f"scale-out (workers > 0) combines partial sums, so it needs a mean-type "

@@ -31,7 +31,9 @@ from paho.mqtt.client import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from aggregator.aggregation import AggregationError, make_aggregator
+from aggregator.aggregation import AggregationError
+from aggregator.dp import DPFedAvgAggregator, make_any_aggregator
+from aggregator.privacy_accounting import PrivacyAccountant
 from aggregator.checkpoint import CheckpointError, CheckpointStore, ModelCheckpoint, RoundCheckpoint
 from aggregator.cohort import PaceSteering, select_cohort
 from aggregator.config import AggregatorConfig
@@ -79,6 +81,7 @@ class RoundResult:
     delta_bytes: int = 0
     eval: dict[str, float] = field(default_factory=dict)
     fed_eval: dict[str, float] = field(default_factory=dict)
+    privacy: dict = field(default_factory=dict)  # DP-FedAvg: clip, noise, epsilon so far at delta
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,7 +177,8 @@ class Aggregator:
         self._flush_lock = threading.Lock()
         self._state: RoundState | None = None
         self._round: _OpenRound | None = None
-        self._aggregate = make_aggregator(config.aggregation)
+        self._aggregate = make_any_aggregator(config.aggregation)
+        self._accountant: PrivacyAccountant | None = None  # set on the first DP round
         self._online: set[str] = set()
         self._pace = PaceSteering(checkins_per_slot=config.pace_checkins_per_slot,
                                   max_skip_rounds=config.pace_max_skip_rounds, seed=config.seed)
@@ -726,6 +730,19 @@ class Aggregator:
             return f"cannot merge the workers' partial sums: {exc}"
         return ""
 
+    def _account_privacy(self, cohort: int, checkins: int) -> dict:
+        """Epsilon spent so far when the aggregation is DP-FedAvg (fixed sampling rate: the first
+        round's cohort / check-ins, an approximation of Poisson sampling; see aggregator/PRIVACY.md)."""
+        if not isinstance(self._aggregate, DPFedAvgAggregator):
+            return {}
+        dp = self._aggregate.config
+        if self._accountant is None:
+            q = min(1.0, cohort / max(checkins, cohort, 1))
+            self._accountant = PrivacyAccountant(dp.update_noise_multiplier, q, self.config.dp_delta)
+        epsilon = self._accountant.step()
+        return {**self._aggregate.round_report(), "epsilon": epsilon, "delta": self.config.dp_delta,
+                "sampling_probability": self._accountant.sampling_probability, "rounds": self._accountant.rounds}
+
     def _finish_round(self, r: _OpenRound) -> RoundResult:
         cfg = self.config
         state = self._state
@@ -750,6 +767,7 @@ class Aggregator:
         if committed:
             self._publish_release(self.release)
             self._maybe_publish_int8()
+        privacy = self._account_privacy(len(r.cohort), len(r.checkins)) if committed else {}
         evaluation: dict[str, float] = {}
         if committed and self.eval_hook is not None and cfg.eval_every and r.plan.round_id % cfg.eval_every == 0:
             evaluation = {k: float(v) for k, v in self.eval_hook(self.weights).items()}
@@ -762,7 +780,7 @@ class Aggregator:
             wall_s=time.time() - r.started_unix, rejected=dict(r.rejected),
             train_loss=float(np.mean(r.losses)) if r.losses else float("nan"), goal=r.goal,
             duplicates=r.duplicates, abandoned_reason=reason, resumed=r.resumed, delta_bytes=delta_bytes,
-            eval=evaluation, fed_eval=r.fed_eval.result(),
+            eval=evaluation, fed_eval=r.fed_eval.result(), privacy=privacy,
         )
         with self._cv:
             self._round = None  # late updates still meet the closed RoundState: round_closed / duplicate

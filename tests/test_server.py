@@ -288,3 +288,22 @@ def test_a_full_disk_stops_the_round_unacknowledged_and_a_restart_recovers_it(br
     finally:
         fleet.stop()
         again.stop()
+
+
+def test_dp_fedavg_round_clips_adds_noise_and_reports_epsilon(running, bundle):
+    """`aggregation = "dp:..."` runs DP-FedAvg in the live round and accounts for it."""
+    run = running(over_selection=1.0, aggregation="dp:clip=0.5,noise=1.0,expected=3,seed=7")
+    round_id, selected = run.begin_round()
+    for i, device in enumerate(selected):
+        run.send(device, dyadic_update(i, bundle.param_count), round_id)
+    result = run.end_round()
+    assert result.committed and result.participants == 3
+    privacy = result.privacy
+    assert privacy["epsilon"] > 0 and privacy["delta"] == 1e-5 and privacy["rounds"] == 1
+    assert privacy["sampling_probability"] == pytest.approx(3 / 6)
+    moved = run.agg.weights - bundle.initial_weights
+    # the released step is (sum of clipped updates + N(0, (z C)^2)) / expected: far from the plain mean
+    plain = expected_fedavg(bundle.initial_weights, [(dyadic_update(i, bundle.param_count), 4) for i in range(3)])
+    assert not np.allclose(run.agg.weights, plain)
+    noise_std = np.std(moved)
+    assert 0.5 * (1.0 * 0.5 / 3) < noise_std < 2.0 * (1.0 * 0.5 / 3)
