@@ -88,18 +88,19 @@ def train_central(
     lr: float = 1e-3,
     seed: int = 0,
     progress: bool = True,
+    output_prior: np.ndarray | None = None,
 ) -> CentralResult:
     """Train on pooled windows with Adam; evaluate on the test windows after every epoch.
 
-    Starts from `initial_weights(config, seed)` (the same start as a bundle exported
-    with that seed); shuffles with numpy's generator seeded by `seed`.
+    Starts from `initial_weights(config, seed, output_prior=...)`, the same start as the
+    bundle a federated run exports; shuffles with numpy's generator seeded by `seed`.
     """
     if len(train_x) != len(train_y) or len(test_x) != len(test_y):
         raise ValueError("x and y must have the same number of windows")
     if len(train_x) == 0:
         raise ValueError("no training windows")
     start_time = time.perf_counter()
-    module = CIFGModule(config, initial_weights(config, seed))
+    module = CIFGModule(config, initial_weights(config, seed, output_prior=output_prior))
     adam = _Adam(module, lr)
     rng = np.random.default_rng(seed)
     train_x = np.asarray(train_x, np.int32)
