@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus_args(sim)
     _add_model_args(sim)
     sim.add_argument("--devices", type=int, default=0, help="cap the fleet at N devices (default: one per user)")
-    sim.add_argument("--rounds", type=int, default=None, help="rounds (default 20 built-in, 30 otherwise)")
+    sim.add_argument("--rounds", type=int, default=None, help="rounds (default 30)")
     sim.add_argument("--clients-per-round", type=int, default=20)
     sim.add_argument("--local-epochs", type=int, default=1)
     sim.add_argument("--batch-size", type=int, default=16)
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--codec", default="q8", help="uplink codec spec, e.g. f32, q8 (see README)")
     sim.add_argument("--downlink", default="f32", help="downlink codec spec for the global model")
     sim.add_argument("--server-optimizer", default="fedadam", help="fedavg, fedavgm, fedadam, fedyogi, fedadagrad")
-    sim.add_argument("--server-lr", type=float, default=0.05)
+    sim.add_argument("--server-lr", type=float, default=0.01, help="server learning rate (FedAdam: 0.01)")
     sim.add_argument("--aggregation", default="mean", help="mean, clip:C|mean, trimmed:F, median")
     sim.add_argument("--over-selection", type=float, default=1.3, help="cohort = clients-per-round x this (default 1.3)")
     sim.add_argument("--mu", type=float, default=0.0, help="FedProx proximal term (0 = off)")
@@ -61,6 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--eval-every", type=int, default=1)
     sim.add_argument("--out", default="runs/latest", help="directory for report.json and accuracy.png")
     sim.add_argument("--no-progress", action="store_true")
+    fleet = sim.add_argument_group(
+        "realistic fleets", "a scenario gives every device a simulated battery, charger, link, user and failures "
+        "(see device_sim/SCENARIOS.md); its rounds, cohort and training settings apply unless given as flags")
+    fleet.add_argument("--scenario", help="built-in scenario name (phones-overnight, iot-pis, flaky-network) or a TOML path")
+    fleet.add_argument("--speedup", type=float, default=0.0, help="sim seconds per wall second (default: the scenario's)")
+    fleet.add_argument("--min-reports", type=int, default=None, help="fewest reports to commit at the deadline")
+    fleet.add_argument("--checkin-window-s", type=float, default=0.0,
+                       help="wall seconds of the check-in window (default 30, or the scenario's at its speedup)")
+    fleet.add_argument("--deadline-s", type=float, default=0.0,
+                       help="wall seconds devices have to report (default 600, or the scenario's at its speedup)")
+    fleet.add_argument("--shard", help="i/n: run only the devices with index %% n == i (needs --broker); "
+                       "the aggregator runs in shard 0's process")
+    side = fleet.add_mutually_exclusive_group()
+    side.add_argument("--no-aggregator", action="store_true", help="run devices only (e.g. shard 0 next to "
+                      "a separate --aggregator-only process)")
+    side.add_argument("--aggregator-only", action="store_true", help="run the aggregator and evaluation only; "
+                      "device processes (--shard i/n --no-aggregator) stop when it is done")
+    # unset flags fall back to the scenario's values (or the old defaults without a scenario)
+    sim.set_defaults(vocab_size=None, seq_len=None, seed=None, clients_per_round=None, local_epochs=None,
+                     batch_size=None, client_lr=None, codec=None, over_selection=None)
 
     central = sub.add_parser("train-central", help="train the same model on all training data pooled (upper bound)")
     _add_corpus_args(central)
@@ -104,24 +124,46 @@ def main(argv: list[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
-def _simulate(args: argparse.Namespace) -> int:
-    from device_sim.simulate import SimConfig, run_simulation
+_SIM_DEFAULTS = dict(vocab_size=5000, seq_len=20, seed=0, clients_per_round=20, local_epochs=1, batch_size=16,
+                     client_lr=5.0, codec="q8", over_selection=1.3, min_reports=0)
 
-    rounds = args.rounds if args.rounds is not None else (30 if args.corpus else 20)
-    cfg = SimConfig(
-        corpus=args.corpus, format=args.format, devices=args.devices, rounds=rounds,
-        clients_per_round=args.clients_per_round, local_epochs=args.local_epochs, batch_size=args.batch_size,
-        client_lr=args.client_lr, codec=args.codec, downlink=args.downlink, server_optimizer=args.server_optimizer,
-        server_lr=args.server_lr, aggregation=args.aggregation, seed=args.seed, over_selection=args.over_selection,
-        mu=args.mu, client_clip=args.client_clip, downlink_delta=args.downlink_delta, vocab_size=args.vocab_size,
-        seq_len=args.seq_len, embed_dim=args.embed_dim, units=args.units, broker=args.broker,
-        mqtt_version=args.mqtt_version or 0, pool_size=args.pool_size, eval_every=args.eval_every, out=args.out,
-        progress=not args.no_progress,
+
+def _simulate(args: argparse.Namespace) -> int:
+    from device_sim.simulate import SimConfig, config_from_scenario, parse_shard, run_simulation
+
+    given = {k: getattr(args, k) for k in _SIM_DEFAULTS if getattr(args, k) is not None}
+    common = dict(
+        corpus=args.corpus, format=args.format, devices=args.devices, downlink=args.downlink,
+        server_optimizer=args.server_optimizer, server_lr=args.server_lr, aggregation=args.aggregation, mu=args.mu,
+        client_clip=args.client_clip, downlink_delta=args.downlink_delta, embed_dim=args.embed_dim, units=args.units,
+        broker=args.broker, mqtt_version=args.mqtt_version or 0, pool_size=args.pool_size, eval_every=args.eval_every,
+        out=args.out, progress=not args.no_progress, speedup=args.speedup, checkin_window_s=args.checkin_window_s,
+        report_deadline_s=args.deadline_s,
+        shard=parse_shard(args.shard) if args.shard else None,
+        aggregator="none" if args.no_aggregator else "only" if args.aggregator_only else "auto",
     )
+    if args.rounds is not None:
+        common["rounds"] = args.rounds
+    if args.scenario:
+        if args.corpus:
+            raise ValueError("--corpus and --scenario both name a corpus: put it in the scenario's [corpus] table")
+        cfg = config_from_scenario(args.scenario, **common, **given)
+    else:
+        common.setdefault("rounds", 30)
+        cfg = SimConfig(**common, **{**_SIM_DEFAULTS, **given})
     report = run_simulation(cfg)
-    print(json.dumps({k: report[k] for k in ("task", "rounds", "top1", "top3", "uplink_bytes_per_update",
-                                              "float32_bytes_per_update", "wall_s", "peak_rss_mb")}, indent=2))
-    print(f"report: {Path(args.out) / 'report.json'}  plot: {Path(args.out) / 'accuracy.png'}")
+    keys = ("task", "rounds", "top1", "top3", "uplink_bytes_per_update", "float32_bytes_per_update", "wall_s",
+            "peak_rss_mb")
+    summary = {k: report[k] for k in keys if k in report}
+    if "fleet" in report:
+        part = report["fleet"]["participation"]
+        summary["fleet"] = {"devices": report["fleet"]["devices"], **{k: part[k] for k in (
+            "mean_eligible", "reported_total", "dropout_rate", "committed_rounds")},
+            "dropouts_by_cause": report["fleet"]["dropouts_by_cause"]}
+    print(json.dumps(summary, indent=2))
+    plots = ["accuracy.png"] if "top1" in report else []
+    plots += report.get("fleet_plots", [])
+    print(f"report: {Path(args.out) / 'report.json'}  plots: {', '.join(str(Path(args.out) / p) for p in plots)}")
     return 0
 
 
@@ -136,8 +178,10 @@ def _train_central(args: argparse.Namespace) -> int:
     config = ModelConfig(vocab_size=task.vocab.size, embed_dim=args.embed_dim, units=args.units, seq_len=args.seq_len)
     train_x, train_y = task.pooled_train()
     test_x, test_y = task.pooled_test()
+    from models.cifg import unigram_log_prior
+
     result = train_central(train_x, train_y, test_x, test_y, config, epochs=args.epochs, batch_size=args.batch_size,
-                           lr=args.lr, seed=args.seed)
+                           lr=args.lr, seed=args.seed, output_prior=unigram_log_prior(task.target_counts()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from device_sim.report import machine

@@ -1,22 +1,41 @@
 """`fedboard simulate`: a fleet, an aggregator and a broker in one process, over real MQTT.
 
-Every simulated device is a real `edge_client.DeviceClient` with its own MQTT connection;
-they share a bounded pool of TFLite interpreters (one per core), so memory follows the pool,
-not the fleet. The global model is evaluated on the pooled test windows after each round.
+Every simulated device is a real `edge_client.DeviceClient` with its own MQTT connection, all
+driven by one `MqttHub` thread; they share a bounded pool of TFLite interpreters (one per
+core), so memory follows the pool, not the fleet. The global model is evaluated on the pooled
+test windows after each round.
+
+Without a scenario every device is always eligible (the quick demo). With `scenario=` each
+device gets a `SimulatedPlatform` (battery, charger, link, user, failures on a virtual clock)
+plugged in through a `ClientAdapter`: the client's own eligibility policy decides check-ins
+and stops training, the simulated radio times (or loses) the upload, and a `FleetRecorder`
+turns it all into the report's "fleet" section and PNGs.
+
+`shard=(i, n)` runs only the devices with index % n == i against one external broker; the
+aggregator runs in the process of shard 0 unless `aggregator` says otherwise ("none": devices
+only, "only": the aggregator alone). Device-only processes stop when the aggregator process
+announces the end of the run on `fedboard/<fleet>/sim/done`.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
+import math
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.client import CallbackAPIVersion
 
 from aggregator.server import Aggregator, AggregatorConfig
 from device_sim.broker import BrokerAddress, EmbeddedBroker, parse_broker
@@ -45,7 +64,7 @@ class SimConfig:
     corpus: str | None = None           # None = the built-in synthetic keyboard corpus
     format: str | None = None
     devices: int = 0                     # 0 = one device per user of the corpus
-    rounds: int = 20
+    rounds: int = 30
     clients_per_round: int = 20
     local_epochs: int = 1
     batch_size: int = 16
@@ -53,7 +72,7 @@ class SimConfig:
     codec: str = "q8"
     downlink: str = "f32"
     server_optimizer: str = "fedadam"
-    server_lr: float = 0.05
+    server_lr: float = 0.01
     aggregation: str = "mean"
     over_selection: float = 1.3          # cohort = ceil(clients_per_round * over_selection)
     mu: float = 0.0                      # FedProx proximal term
@@ -69,9 +88,17 @@ class SimConfig:
     fleet: str = "sim"
     pool_size: int = 0                   # interpreters; 0 = one per core
     eval_every: int = 1
-    report_deadline_s: float = 600.0
+    report_deadline_s: float = 0.0      # wall seconds; 0 = 600 s, or the scenario's deadline at its speedup
     out: str = "runs/latest"
     progress: bool = True
+    # -- realistic fleets (all opt-in) ----------------------------------------------------------
+    scenario: str | None = None          # built-in scenario name or TOML path; None = always-eligible devices
+    speedup: float = 0.0                 # sim seconds per wall second; 0 = the scenario's clock
+    min_reports: int = 0                 # fewest reports to commit at the deadline (0 = the goal)
+    checkin_window_s: float = 0.0        # wall seconds; 0 = 30 s, or the scenario's window at its speedup
+    shard: tuple[int, int] | None = None  # (i, n): run only devices with index % n == i
+    aggregator: str = "auto"             # "auto" (shard 0 or unsharded), "none", "only"
+    timelines: int = 8                   # devices whose full event timelines go into the report
 
     def __post_init__(self) -> None:
         for name in ("rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every"):
@@ -81,85 +108,391 @@ class SimConfig:
             raise ValueError("--devices must be >= 0")
         parse_codec(self.codec)
         parse_codec(self.downlink)
+        if self.aggregator not in ("auto", "none", "only"):
+            raise ValueError(f"aggregator must be auto, none or only, got {self.aggregator!r}")
+        if self.shard is not None:
+            i, n = self.shard
+            if not (n >= 1 and 0 <= i < n):
+                raise ValueError(f"--shard must be i/n with 0 <= i < n, got {i}/{n}")
+            if self.broker is None:
+                raise ValueError("--shard needs --broker HOST:PORT: all shards must reach one broker")
+        if self.speedup < 0 or self.checkin_window_s < 0 or self.report_deadline_s < 0:
+            raise ValueError("--speedup, --checkin-window-s and --deadline-s must be >= 0 (0 = default)")
+        if not 0 <= self.min_reports <= self.clients_per_round:
+            raise ValueError(f"--min-reports must be in 0..clients_per_round, got {self.min_reports}")
+
+    @property
+    def runs_aggregator(self) -> bool:
+        if self.aggregator != "auto":
+            return self.aggregator == "only"
+        return self.shard is None or self.shard[0] == 0
+
+    @property
+    def runs_devices(self) -> bool:
+        return self.aggregator != "only"
 
 
-def run_simulation(cfg: SimConfig) -> dict[str, Any]:
-    """Run the whole simulation and return the report (also written to `cfg.out`)."""
+def parse_shard(text: str) -> tuple[int, int]:
+    """"1/4" -> (1, 4): this process is shard 1 of 4."""
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/2), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard must be i/n with 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def config_from_scenario(scenario: str, **overrides: Any) -> SimConfig:
+    """A SimConfig whose rounds, cohort and training settings are the scenario's, then `overrides`."""
+    from device_sim.scenario import load_scenario
+
+    sc = load_scenario(scenario)
+    base: dict[str, Any] = dict(
+        scenario=scenario, seed=sc.seed, rounds=sc.rounds.rounds, clients_per_round=sc.rounds.clients_per_round,
+        over_selection=sc.rounds.over_selection, min_reports=sc.rounds.min_reports,
+        local_epochs=sc.training.local_epochs, client_lr=sc.training.client_lr, batch_size=sc.training.batch_size,
+        codec=sc.training.codec, vocab_size=sc.corpus.vocab_size, seq_len=sc.corpus.seq_len, fleet=slug_fleet(sc.name),
+    )
+    base.update(overrides)
+    goal = base["clients_per_round"]
+    if "min_reports" not in overrides and goal != sc.rounds.clients_per_round and sc.rounds.min_reports:
+        # a resized cohort keeps the scenario's share of reports needed to commit at the deadline
+        base["min_reports"] = max(1, min(goal, round(sc.rounds.min_reports * goal / sc.rounds.clients_per_round)))
+    return SimConfig(**base)
+
+
+def slug_fleet(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name.lower()) or "sim"
+
+
+class TimedPool(InterpreterPool):
+    """An InterpreterPool that records every lease (wall start, end): the training time.
+
+    A lease covers set_weights, the training steps and get_weights of one device's run, so
+    the pool's busy time inside a round is the training work; the rest of the round's wall
+    time times the pool size is the simulator's non-training overhead.
+    """
+
+    def __init__(self, bundle, size: int = 1, num_threads: int = 1) -> None:
+        super().__init__(bundle, size=size, num_threads=num_threads)
+        self._intervals: list[tuple[float, float]] = []
+        self._busy_lock = threading.Lock()
+        self._open: dict[int, float] = {}
+
+    @contextlib.contextmanager
+    def lease(self, timeout_s: float | None = None):
+        with super().lease(timeout_s) as model:
+            start = time.monotonic()
+            key = id(model)
+            with self._busy_lock:
+                self._open[key] = start
+            try:
+                yield model
+            finally:
+                end = time.monotonic()
+                with self._busy_lock:
+                    self._open.pop(key, None)
+                    self._intervals.append((start, end))
+
+    def busy_s(self, t0: float, t1: float) -> float:
+        """Interpreter-seconds of training inside the wall interval [t0, t1] (monotonic)."""
+        with self._busy_lock:
+            spans = list(self._intervals) + [(s, t1) for s in self._open.values()]
+        return sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in spans)
+
+
+@dataclass
+class SimDevice:
+    """One simulated device as the simulator holds it (platform and adapter only with a scenario)."""
+
+    device_id: str
+    client: DeviceClient
+    index: int
+    platform: Any = None   # device_sim.sim_platform.SimulatedPlatform
+    adapter: Any = None    # device_sim.sim_platform.ClientAdapter
+
+
+class RoundClock:
+    """The scenario's VirtualClock, whose reading can be pinned while a round's fleet checks in.
+
+    `pin()` makes `now()` answer the instant it was pinned at while the underlying clock runs
+    on; `unpin()` returns to the running time. `freeze()`/`resume()` stop and restart sim time.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self._pinned: float | None = None
+
+    @property
+    def start_s(self) -> float:
+        return self.inner.start_s
+
+    @property
+    def speedup(self) -> float:
+        return self.inner.speedup
+
+    @property
+    def frozen(self) -> bool:
+        return self.inner.frozen
+
+    def now(self) -> float:
+        pinned = self._pinned
+        return self.inner.now() if pinned is None else pinned
+
+    def wall_seconds(self, sim_s: float) -> float:
+        return self.inner.wall_seconds(sim_s)
+
+    def sim_seconds(self, wall_s: float) -> float:
+        return self.inner.sim_seconds(wall_s)
+
+    def sleep(self, sim_s: float) -> None:
+        self.inner.sleep(sim_s)
+
+    def freeze(self) -> None:
+        self.inner.freeze()
+
+    def resume(self) -> None:
+        self.inner.resume()
+
+    def pin(self) -> None:
+        self._pinned = self.inner.now()
+
+    def unpin(self) -> None:
+        self._pinned = None
+
+
+class _ClockGate:
+    """Unpins the round clock when the first device of the current round is selected."""
+
+    def __init__(self, clock: RoundClock) -> None:
+        self.clock = clock
+        self.round_id = -1
+
+    def on_event(self, name: str, fields: dict) -> None:
+        if name == "selected" and fields.get("round") == self.round_id:
+            self.clock.unpin()
+
+
+@dataclass
+class _Fleet:
+    """What a scenario adds to a run (None members without one)."""
+
+    scenario: Any = None
+    clock: Any = None
+    recorder: Any = None
+    gate: Any = None
+
+
+def run_simulation(cfg: SimConfig, *, on_start: Callable[[list[SimDevice]], None] | None = None,
+                   on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the whole simulation and return the report (also written to `cfg.out`).
+
+    `on_start(devices)` is called once every device is connected (tests use it to unplug a
+    device mid-run); `on_round(row)` after every round with its report row (benchmarks sample
+    memory there).
+    """
     wall_start = time.monotonic()
     out_dir = Path(cfg.out)
-    corpus = read_corpus(cfg.corpus, cfg.format, seed=cfg.seed)
+    fleet = _Fleet()
+    if cfg.scenario:
+        fleet = _load_fleet(cfg)
+        corpus = fleet.scenario.corpus.read(seed=cfg.seed)
+    else:
+        corpus = read_corpus(cfg.corpus, cfg.format, seed=cfg.seed)
     task = build_task(corpus, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len)
     users = _pick_users(task, cfg)
     model_config = ModelConfig(vocab_size=task.vocab.size, embed_dim=cfg.embed_dim, units=cfg.units,
                                seq_len=cfg.seq_len, batch_size=cfg.batch_size)
     bundle = get_or_export_bundle(model_config, task.vocab.to_json(), seed=cfg.seed, target_counts=task.target_counts())
     test_x, test_y = task.pooled_test()
-    log.info("task %s: %d devices, vocabulary %d, %d test windows, model %s (%d parameters)", corpus.name,
+    log.info("task %s: %d users, vocabulary %d, %d test windows, model %s (%d parameters)", corpus.name,
              len(users), task.vocab.size, len(test_x), bundle.model_id, bundle.param_count)
 
-    private_pem, public_pem = generate_keypair()
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
+    private_key, public_key = _signing_keys(cfg)
+    pool = TimedPool(bundle, size=cfg.pool_size or (os.cpu_count() or 1))
+    evaluator = LiteRTModel(bundle, num_threads=os.cpu_count() or 1) if cfg.runs_aggregator else None
 
-    private_key = load_pem_private_key(private_pem, password=None)
-    public_key = load_pem_public_key(public_pem)
-    pool = InterpreterPool(bundle, size=cfg.pool_size or (os.cpu_count() or 1))
-    evaluator = LiteRTModel(bundle, num_threads=os.cpu_count() or 1)
-
+    devices: list[SimDevice] = []
+    per_round: list[dict[str, Any]] = []
+    last = None
     with contextlib.ExitStack() as stack:
+        n_conn = (fleet.scenario.fleet.devices if fleet.scenario else len(users)) if cfg.runs_devices else 0
+        raise_fd_limit(4 * n_conn + 1024)  # before an embedded broker starts: it shares our limit
         address = _broker(cfg, stack)
         mqtt_version = cfg.mqtt_version or (5 if cfg.broker else 3)
         settings = MqttSettings(host=address.host, port=address.port, mqtt_version=mqtt_version, keepalive_s=60)
         state_root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedboard-sim-")))
-        executor = stack.enter_context(ThreadPoolExecutor(max_workers=pool.size, thread_name_prefix="train"))
-        raise_fd_limit(4 * len(users) + 1024)
+        # twice as many workers as interpreters: while one worker encodes and sends an update (no
+        # interpreter needed), another trains, so the interpreters never wait for the codec
+        executor = stack.enter_context(ThreadPoolExecutor(max_workers=2 * pool.size, thread_name_prefix="train"))
         hub = stack.enter_context(MqttHub("sim-devices"))
-        agg = Aggregator(
-            AggregatorConfig(
-                fleet=cfg.fleet, clients_per_round=cfg.clients_per_round, checkin_window_s=30.0,
-                expected_checkins=len(users), report_deadline_s=cfg.report_deadline_s, codec=cfg.codec,
-                downlink=cfg.downlink, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-                client_lr=cfg.client_lr, aggregation=cfg.aggregation, server_optimizer=cfg.server_optimizer,
-                server_lr=cfg.server_lr, seed=cfg.seed, over_selection=cfg.over_selection, mu=cfg.mu,
-                client_clip=cfg.client_clip, downlink_delta=cfg.downlink_delta,
-            ),
-            bundle, settings, private_key, client_id=f"aggregator-{cfg.fleet}",
-        )
-        agg.start()
-        stack.callback(agg.stop)
-        devices = _start_devices(cfg, task, users, pool, public_key, settings, state_root, executor, hub)
-        stack.callback(_stop_all, devices)
-        _wait_connected(devices)
-
-        per_round: list[dict[str, Any]] = []
-        progress = _progress(cfg)
-        last = _evaluate(evaluator, agg.weights, test_x, test_y)
-        log.info("round 0: top-1 %.4f top-3 %.4f", last.top1, last.top3)
-        for _ in range(cfg.rounds):
-            down_before = sum(d.stats.downlink_bytes for d in devices)
-            result = agg.run_round()
-            row = result.to_dict()
-            row["downlink_bytes"] = sum(d.stats.downlink_bytes for d in devices) - down_before
-            if result.round % cfg.eval_every == 0 or result.round == cfg.rounds:
-                last = _evaluate(evaluator, agg.weights, test_x, test_y)
-                row.update(top1=last.top1, top3=last.top3)
+        agg = None
+        if cfg.runs_aggregator:
+            agg = Aggregator(_aggregator_config(cfg, fleet, len(users)), bundle, settings, private_key,
+                             client_id=f"aggregator-{cfg.fleet}")
+            agg.start()
+            stack.callback(agg.stop)
+        if cfg.runs_devices:
+            if fleet.scenario is not None:
+                devices = _start_fleet(cfg, fleet, task, users, pool, public_key, settings, state_root, executor, hub)
             else:
-                row.update(top1=None, top3=None)
-            per_round.append(row)
-            progress.update(1)
-            progress.set_postfix(top3=f"{last.top3:.4f}", up=f"{result.uplink_bytes / 1e6:.1f}MB",
-                                 ok=f"{result.participants}/{result.cohort}")
-        progress.close()
+                devices = _start_devices(cfg, task, users, pool, public_key, settings, state_root, executor, hub)
+            stack.callback(_stop_all, [d.client for d in devices])
+            _wait_connected([d.client for d in devices], timeout_s=max(120.0, 0.05 * len(devices)))
+            log.info("%d simulated devices connected", len(devices))
+        if on_start is not None:
+            on_start(devices)
 
-    report = _report(cfg, corpus.name, task, bundle, per_round, last, devices, wall_start)
+        if agg is None:
+            if fleet.clock is not None:
+                fleet.clock.resume()  # no aggregator here to pace it: sim time just runs
+            _wait_for_done(cfg, settings, hub)
+        else:
+            assert evaluator is not None
+            progress = _progress(cfg)
+            last = _evaluate(evaluator, agg.weights, test_x, test_y)
+            log.info("round 0: top-1 %.4f top-3 %.4f", last.top1, last.top3)
+            for _ in range(cfg.rounds):
+                down_before = sum(d.client.stats.downlink_bytes for d in devices)
+                round_id = agg.round_id + 1
+                t0 = time.monotonic()
+                if fleet.recorder is not None:
+                    # Until the cohort is chosen every device reads its sensors at the round's start
+                    # instant (sim time itself runs on): the simulator knows exactly how many will
+                    # check in, so the window closes on the last one, and the same seed gives the same
+                    # check-ins whatever the threads did. The first assignment unpins the readings.
+                    fleet.clock.resume()
+                    fleet.clock.pin()
+                    fleet.gate.round_id = round_id
+                    fleet.recorder.round_started(round_id, fleet.clock.now())
+                _update_expected_checkins(agg, cfg, fleet, devices)
+                result = agg.run_round()
+                t1 = time.monotonic()
+                if fleet.clock is not None:
+                    fleet.clock.unpin()
+                    fleet.clock.freeze()  # evaluation and reporting take no device time
+                    fleet.recorder.round_ended(result.round, fleet.clock.now(), result.committed)
+                row = result.to_dict()
+                row["downlink_bytes"] = sum(d.client.stats.downlink_bytes for d in devices) - down_before
+                row["pool_busy_s"] = pool.busy_s(t0, t1)
+                row["round_wall_s"] = t1 - t0
+                row["pool_size"] = pool.size
+                if fleet.clock is not None:
+                    row["sim_end_s"] = fleet.clock.now()
+                if result.round % cfg.eval_every == 0 or result.round == cfg.rounds:
+                    last = _evaluate(evaluator, agg.weights, test_x, test_y)
+                    row.update(top1=last.top1, top3=last.top3)
+                else:
+                    row.update(top1=None, top3=None)
+                per_round.append(row)
+                if on_round is not None:
+                    on_round(row)
+                progress.update(1)
+                progress.set_postfix(top3=f"{last.top3:.4f}", up=f"{result.uplink_bytes / 1e6:.1f}MB",
+                                     ok=f"{result.participants}/{result.cohort}")
+            progress.close()
+            if cfg.shard is not None or cfg.aggregator == "only":
+                _announce_done(cfg, settings, hub)
+        if fleet.clock is not None:
+            fleet.clock.freeze()
+
+    if agg is not None:
+        report = _report(cfg, corpus.name, task, bundle, per_round, last, devices, wall_start)
+    else:
+        report = {"task": corpus.name, "devices": len(devices), "shard": list(cfg.shard or (0, 1)),
+                  "aggregator": False, "wall_s": time.monotonic() - wall_start, "peak_rss_mb": peak_rss_mb(),
+                  "config": asdict(cfg), **machine()}
+    if fleet.recorder is not None:
+        _add_fleet_section(report, cfg, fleet, devices, out_dir)
     write_report(report, out_dir)
-    plot_accuracy(report, out_dir / "accuracy.png")
+    if agg is not None:
+        plot_accuracy(report, out_dir / "accuracy.png")
     log.info("report written to %s", out_dir / "report.json")
     return report
 
 
+def _signing_keys(cfg: SimConfig) -> tuple[object, object]:
+    """A fresh Ed25519 key pair; a split fleet (shards, or a separate aggregator process) derives
+    it from (fleet, seed) instead, so every process trusts the same aggregator. Simulation only:
+    the key is as public as the seed."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
+
+    if cfg.shard is None and cfg.aggregator == "auto":
+        private_pem, public_pem = generate_keypair()
+        return load_pem_private_key(private_pem, password=None), load_pem_public_key(public_pem)
+    import hashlib
+
+    private = Ed25519PrivateKey.from_private_bytes(
+        hashlib.blake2b(f"fedboard-sim/{cfg.fleet}/{cfg.seed}".encode(), digest_size=32).digest())
+    return private, private.public_key()
+
+
+def _load_fleet(cfg: SimConfig) -> _Fleet:
+    from device_sim.fleet_report import FleetRecorder
+    from device_sim.scenario import load_scenario
+
+    scenario = load_scenario(cfg.scenario)  # type: ignore[arg-type]
+    changes: dict[str, Any] = {"seed": cfg.seed} if cfg.seed != scenario.seed else {}
+    if cfg.speedup:
+        changes["clock"] = dataclasses.replace(scenario.clock, speedup=cfg.speedup)
+    if cfg.devices:
+        changes["fleet"] = dataclasses.replace(scenario.fleet, devices=cfg.devices)
+    if changes:
+        scenario = dataclasses.replace(scenario, **changes)
+    clock = RoundClock(scenario.make_clock())
+    clock.freeze()  # sim time starts with the first round (connecting the fleet takes none)
+    return _Fleet(scenario, clock, FleetRecorder(scenario.name), _ClockGate(clock))
+
+
+def _aggregator_config(cfg: SimConfig, fleet: _Fleet, n_users: int) -> AggregatorConfig:
+    """Round timing: 30 s / every device without a scenario; the scenario's windows (sim s) on the
+    wall clock with one. Ineligible devices never check in, so with a scenario the window closes
+    once the devices eligible at the round's start checked in (counted per round by
+    `_update_expected_checkins`), or when it ends; never waiting for the whole fleet."""
+    if fleet.scenario is None:
+        checkin_s, deadline_s, expected = cfg.checkin_window_s or 30.0, cfg.report_deadline_s or 600.0, n_users
+    else:
+        sc = fleet.scenario
+        checkin_s = cfg.checkin_window_s or sc.wall_seconds(sc.rounds.checkin_window_s)
+        deadline_s = cfg.report_deadline_s or sc.wall_seconds(sc.rounds.deadline_s)
+        expected = 0
+    return AggregatorConfig(
+        fleet=cfg.fleet, clients_per_round=cfg.clients_per_round, checkin_window_s=checkin_s,
+        expected_checkins=expected, report_deadline_s=deadline_s, codec=cfg.codec, min_reports=cfg.min_reports,
+        downlink=cfg.downlink, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+        client_lr=cfg.client_lr, aggregation=cfg.aggregation, server_optimizer=cfg.server_optimizer,
+        server_lr=cfg.server_lr, seed=cfg.seed, over_selection=cfg.over_selection, mu=cfg.mu,
+        client_clip=cfg.client_clip, downlink_delta=cfg.downlink_delta,
+        max_steps=fleet.scenario.training.max_steps if fleet.scenario is not None else 0,
+    )
+
+
+def _update_expected_checkins(agg: Aggregator, cfg: SimConfig, fleet: _Fleet, devices: list[SimDevice]) -> None:
+    """With a scenario and the whole fleet in this process: expect exactly the devices that will
+    check in now, so the window closes on the last of them instead of running to its end.
+
+    The readings are pinned at the round's start, so "eligible now" is what each client will
+    decide. The aggregator subtracts the devices it pace-steered away from `expected_checkins`;
+    those are the devices still waiting out a retry_after, eligible or not, so they are added
+    back. A sharded fleet's other devices are out of sight: it keeps expected_checkins = 0.
+    """
+    if fleet.scenario is None or cfg.shard is not None or not devices:
+        return
+    policy = fleet.scenario.eligibility
+    now_eligible = deferred = 0
+    for d in devices:
+        if d.client.check_in_wait_s > 0:
+            deferred += 1
+        elif policy.check(d.platform.read(), training=False).eligible:
+            now_eligible += 1
+    agg.config = dataclasses.replace(agg.config, expected_checkins=max(now_eligible, 1) + deferred)
+
+
 def _pick_users(task: Task, cfg: SimConfig) -> list[str]:
     users = sorted(u for u, d in task.devices.items() if d.n_train > 0)
-    if cfg.devices:
+    if cfg.devices and not cfg.scenario:
         rng = np.random.default_rng(cfg.seed)
         users = sorted(rng.choice(users, size=min(cfg.devices, len(users)), replace=False).tolist())
     if not users:
@@ -187,8 +520,63 @@ def _start_devices(cfg: SimConfig, task: Task, users: list[str], pool: Interpret
             residuals=ResidualStore(state_root / device_id), executor=executor, hub=hub,
         )
         device.start()
-        devices.append(device)
+        devices.append(SimDevice(device_id, device, len(devices)))
     return devices
+
+
+def _start_fleet(cfg: SimConfig, fleet: _Fleet, task: Task, users: list[str], pool: InterpreterPool,
+                 public_key: object, settings: MqttSettings, state_root: Path, executor: ThreadPoolExecutor,
+                 hub: MqttHub) -> list[SimDevice]:
+    """One DeviceClient per scenario device (of this shard), each with its simulated platform."""
+    from device_sim.sim_platform import ClientAdapter
+
+    sc, clock, recorder = fleet.scenario, fleet.clock, fleet.recorder
+    assignment = sc.corpus.assign_users(users, sc.fleet.devices, seed=sc.seed)
+    platforms = sc.make_platforms(clock, shard_of=cfg.shard)
+    devices = []
+    windows_of: dict[tuple[str, ...], ArrayWindows] = {}
+    for platform in platforms:
+        device_id = f"{slug_fleet(platform.profile.name)}-{platform.index:05d}"
+        group = assignment[platform.index]
+        windows = windows_of.get(group)
+        if windows is None:  # devices typing alike share one copy of the windows
+            parts = [task.devices[u] for u in group]
+            windows = windows_of[group] = ArrayWindows(np.concatenate([p.train_x for p in parts]),
+                                                       np.concatenate([p.train_y for p in parts]))
+        adapter = ClientAdapter(platform, sc.eligibility, device_id=device_id)
+        recorder.register(device_id, platform.kind, platform)
+        device = DeviceClient(
+            DeviceConfig(fleet=cfg.fleet, device_id=device_id, mqtt=settings, seed=cfg.seed,
+                         platform_name=platform.kind),
+            pool, windows, ModelTrust(public_key, cfg.fleet, pool.bundle.model_id),
+            residuals=ResidualStore(state_root / device_id), executor=executor, hub=hub,  # on disk: not per-device RAM
+            eligibility=adapter.eligibility, on_event=_chain(fleet.gate.on_event, adapter.on_event, recorder.on_event),
+            before_send=_radio(adapter, clock),
+        )
+        device.start()
+        devices.append(SimDevice(device_id, device, platform.index, platform, adapter))
+    return devices
+
+
+def _chain(*handlers: Callable[[str, dict], None]) -> Callable[[str, dict], None]:
+    def on_event(name: str, fields: dict) -> None:
+        for handler in handlers:
+            handler(name, fields)
+
+    return on_event
+
+
+def _radio(adapter: Any, clock: Any) -> Callable[[int, int], tuple[bool, float, str]]:
+    """DeviceClient's before_send: the simulated link times the upload from the end of training
+    in device time; lost uploads are dropped, the rest published when they would be through."""
+    def before_send(round_id: int, nbytes: int) -> tuple[bool, float, str]:
+        outcome = adapter.upload(nbytes)
+        if not outcome.ok:
+            return False, 0.0, outcome.cause or "upload_lost"
+        wait_sim = outcome.done_at - clock.now()
+        return True, max(0.0, clock.wall_seconds(wait_sim)) if math.isfinite(wait_sim) else 0.0, ""
+
+    return before_send
 
 
 def _wait_connected(devices: list[DeviceClient], timeout_s: float = 120.0) -> None:
@@ -204,6 +592,67 @@ def _wait_connected(devices: list[DeviceClient], timeout_s: float = 120.0) -> No
 def _stop_all(devices: list[DeviceClient]) -> None:
     for device in devices:
         device.stop()
+
+
+def _done_topic(cfg: SimConfig) -> str:
+    return f"fedboard/{cfg.fleet}/sim/done"
+
+
+def _announce_done(cfg: SimConfig, settings: MqttSettings, hub: MqttHub) -> None:
+    """Tell device-only shard processes that the last round is over (a retained marker)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-done-{cfg.fleet}-{os.getpid()}",
+                         protocol=settings.paho_protocol())
+    connected = threading.Event()
+    client.on_connect = lambda *args: connected.set()
+    hub.add(client, settings.host, settings.port, keepalive=settings.keepalive_s)
+    try:
+        if connected.wait(10.0):
+            info = client.publish(_done_topic(cfg), json.dumps({"rounds": cfg.rounds, "time": time.time()}), qos=1,
+                                  retain=True)
+            info.wait_for_publish(5.0)
+    finally:
+        hub.remove(client)
+
+
+def _wait_for_done(cfg: SimConfig, settings: MqttSettings, hub: MqttHub) -> None:
+    """A device-only shard runs until the aggregator's process announces the end of the run.
+
+    Only a live (not retained) marker counts: a retained one is from an earlier run.
+    """
+    done = threading.Event()
+
+    def on_connect(client: mqtt.Client, *args: object) -> None:
+        client.subscribe(_done_topic(cfg), 1)
+
+    def on_message(client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if not msg.retain:
+            done.set()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-watch-{cfg.fleet}-{os.getpid()}",
+                         protocol=settings.paho_protocol())
+    client.on_connect = on_connect
+    client.on_message = on_message
+    hub.add(client, settings.host, settings.port, keepalive=settings.keepalive_s)
+    log.info("shard %s: devices running; waiting for the aggregator's process to finish the run",
+             "/".join(map(str, cfg.shard or (0, 1))))
+    try:
+        while not done.wait(1.0):
+            pass
+    finally:
+        hub.remove(client)
+
+
+def _add_fleet_section(report: dict[str, Any], cfg: SimConfig, fleet: _Fleet, devices: list[SimDevice],
+                       out_dir: Path) -> None:
+    from device_sim.fleet_report import plot_fleet, summarize
+
+    stats = {d.device_id: d.client.stats for d in devices}
+    picks = [d.device_id for d in devices[:: max(1, len(devices) // max(cfg.timelines, 1))]][: cfg.timelines]
+    run = fleet.recorder.finish(device_stats=stats, timelines_for=picks, until_s=fleet.clock.now())
+    report["scenario"] = fleet.scenario.summary()
+    report["fleet"] = summarize(run)
+    report["fleet_cohorts"] = [sorted(r.selected) for r in run.rounds]  # the devices selected, per round
+    report["fleet_plots"] = [p.name for p in plot_fleet(run, out_dir)]
 
 
 def _evaluate(model: LiteRTModel, weights: np.ndarray, x: np.ndarray, y: np.ndarray):
@@ -253,7 +702,8 @@ def _report(cfg: SimConfig, corpus_name: str, task: Task, bundle, per_round: lis
         "scored_test_positions": last.scored,
         "per_round": [
             {k: r[k] for k in ("round", "top1", "top3", "uplink_bytes", "downlink_bytes", "wall_s", "participants",
-                               "dropped", "checkins", "train_loss", "rejected", "committed")}
+                               "dropped", "checkins", "train_loss", "rejected", "committed", "cohort", "pool_busy_s",
+                               "round_wall_s", "pool_size", "sim_end_s") if k in r}
             for r in per_round
         ],
         "uplink_bytes_total": uplink,

@@ -58,7 +58,7 @@ class DeviceStats:
     checkins: int = 0
     rounds_trained: int = 0
     rounds_abandoned: int = 0
-    updates_sent: int = 0
+    updates_sent: int = 0       # handed to MQTT with QoS 1 (or to the outbox when offline)
     updates_accepted: int = 0
     updates_rejected: int = 0
     uplink_bytes: int = 0
@@ -72,6 +72,14 @@ class DeviceStats:
 
 Eligibility = Callable[[bool], tuple[bool, tuple[str, ...]]]
 """`eligibility(training)` -> (eligible, reasons); None means always eligible."""
+
+BeforeSend = Callable[[int, int], tuple[bool, float, str]]
+"""`before_send(round_id, nbytes)` -> (ok, delay_wall_s, cause): a simulated platform's radio.
+
+Not ok: the upload is lost (`cause`, e.g. "upload_lost"), nothing is published and the round
+counts as abandoned. Ok: the update is published after `delay_wall_s` wall seconds (the time
+the simulated link takes), from a timer rather than by sleeping on the training executor.
+"""
 
 
 class DeviceClient:
@@ -90,6 +98,7 @@ class DeviceClient:
         executor: Executor | None = None,
         hub: MqttHub | None = None,
         on_event: Callable[[str, dict], None] | None = None,
+        before_send: BeforeSend | None = None,
     ) -> None:
         self.config = config
         self.topics = FleetTopics(config.fleet)
@@ -105,6 +114,7 @@ class DeviceClient:
         self._hub = hub or MqttHub(f"mqtt-{config.device_id}")
         self._own_hub = hub is None
         self._on_event = on_event
+        self._before_send = before_send
         self._lock = threading.RLock()
         self._plan: RoundPlan | None = None
         self._plan_at = 0.0
@@ -200,6 +210,8 @@ class DeviceClient:
             elif msg.topic == self.topics.ack(self.config.device_id):
                 self._handle_ack(decode_envelope(msg.payload, expect=Kind.ACK))
         except ProtocolError as exc:
+            if msg.topic in (self.topics.model, self.topics.model_delta):
+                self.stats.models_refused += 1
             log.warning("%s: refused message on %s: %s", self.config.device_id, msg.topic, exc)
         except Exception:  # a bug must not kill paho's network thread
             log.exception("%s: error handling %s", self.config.device_id, msg.topic)
@@ -238,6 +250,7 @@ class DeviceClient:
         checkin = CheckIn(plan.round_id, max(self._model_version, 0), n_train, self.config.platform_name)
         self._publish(self.topics.checkin(self.config.device_id), checkin.to_envelope(self.config.fleet, self.config.device_id))
         self.stats.checkins += 1
+        self._event("checkin", round=plan.round_id)
 
     def _handle_assignment(self, env: Envelope) -> None:
         assignment = Assignment.from_envelope(env)
@@ -267,6 +280,12 @@ class DeviceClient:
             self._client.subscribe(self.topics.model, 1)
 
     # ---- pace steering -------------------------------------------------------------------
+    @property
+    def check_in_wait_s(self) -> float:
+        """Seconds until pace steering lets this device check in again (0: it may now); lets a
+        simulator know how many devices will answer a round plan."""
+        return max(0.0, self._retry_at - time.monotonic())
+
     def _schedule_check_in(self, plan: RoundPlan, wait_s: float) -> None:
         """Check in to `plan` after `wait_s` if its window is still open then (else the next plan will)."""
         window_left = plan.checkin_window_s - (time.monotonic() - self._plan_at)
@@ -312,6 +331,7 @@ class DeviceClient:
             env = decode_envelope(msg.payload, max_payload=self.config.max_payload, expect=Kind.MODEL)
             self._handle_model_delta(env)
         except ProtocolError as exc:
+            self.stats.models_refused += 1
             log.warning("%s: refused message on %s: %s", self.config.device_id, msg.topic, exc)
             with self._lock:
                 plan = self._plan
@@ -450,17 +470,32 @@ class DeviceClient:
                      ", ".join(stop_reasons))
             self._release_model()
             return
-        delta = local.weights - weights
+        delta = np.subtract(local.weights, weights, out=local.weights)  # in place: one model copy less
         codec = parse_codec(plan.codec)
         residual = self.residuals.load(self._dim) if codec.uses_error_feedback else None
         encoded = codec.encode(delta, residual=residual, rng=np.random.default_rng(seed + 1))
         meta = UpdateMeta(train_loss=local.result.mean_loss, first_loss=local.result.first_loss,
                           steps=local.result.steps, train_s=round(local.train_s, 4),
                           residual_norm=float(np.linalg.norm(encoded.residual)) if encoded.residual is not None else 0.0)
-        env = Envelope(Kind.UPDATE, self.config.fleet, self.config.device_id, round=plan.round_id,
-                       base_version=plan.base_version, example_count=local.result.examples, codec=codec.spec,
-                       meta=to_dict(meta), payload=encoded.payload)
-        self._send_update(self.topics.update(self.config.device_id), env, plan)
+        data = Envelope(Kind.UPDATE, self.config.fleet, self.config.device_id, round=plan.round_id,
+                        base_version=plan.base_version, example_count=local.result.examples, codec=codec.spec,
+                        meta=to_dict(meta), payload=encoded.payload).encode()
+        delay_s = 0.0
+        if self._before_send is not None:
+            ok, delay_s, cause = self._before_send(plan.round_id, len(data))
+            if not ok:
+                self.stats.rounds_abandoned += 1
+                self._event("abandoned", round=plan.round_id, reasons=[cause or "upload_lost"])
+                log.info("%s: round %d upload lost (%s)", self.config.device_id, plan.round_id, cause)
+                self._release_model()
+                return
+        topic = self.topics.update(self.config.device_id)
+        if delay_s > 0:  # the simulated link is slower than the real one: publish when it would be through
+            timer = threading.Timer(delay_s, self._send_update_quietly, args=(topic, data, plan))
+            timer.daemon = True
+            timer.start()
+        else:
+            self._send_update(topic, data, plan)
         if encoded.residual is not None:
             self.residuals.save(encoded.residual)
         self.stats.rounds_trained += 1
@@ -468,9 +503,17 @@ class DeviceClient:
         self._event("sent", round=plan.round_id, bytes=len(encoded.payload), loss=local.result.mean_loss)
         self._release_model()
 
-    def _send_update(self, topic: str, env: Envelope, plan: RoundPlan) -> None:
+    def _send_update_quietly(self, topic: str, data: bytes, plan: RoundPlan) -> None:
+        """A delayed send from a timer thread: never raise there (nobody would see it)."""
+        if self._stopped.is_set():
+            return
+        try:
+            self._send_update(topic, data, plan)
+        except Exception:
+            log.exception("%s: delayed update for round %d failed", self.config.device_id, plan.round_id)
+
+    def _send_update(self, topic: str, data: bytes, plan: RoundPlan) -> None:
         """Publish with QoS 1; with an outbox the update is on disk first and leaves it on PUBACK."""
-        data = env.encode()
         self.stats.uplink_bytes += len(data)
         if self.outbox is None:
             self._client.publish(topic, data, qos=1)
