@@ -1,6 +1,7 @@
 """The aggregator's rounds against a real Mosquitto, driven by a scripted fleet of synthetic devices."""
 import json
 import threading
+import time
 import urllib.request
 
 import numpy as np
@@ -56,6 +57,14 @@ class Running:
         self._thread = threading.Thread(target=self._run)
         self._thread.start()
         wait_until(lambda: self.fleet.selected(round_id) or (self.result is not None), 10, "assignments")
+        # assignments arrive one message per device: give the rest of them a moment to land
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and self.result is None:
+            with self.fleet._lock:
+                answered = len(self.fleet.assignments[round_id])
+            if answered >= len(self.fleet.devices):
+                break
+            time.sleep(0.01)
         return round_id, self.fleet.selected(round_id)
 
     def _run(self):
