@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     from aggregator.commands import register as register_aggregator_commands
 
     register_aggregator_commands(sub)
+    from device_sim.tune_commands import register as register_tune_command
+
+    register_tune_command(sub)
 
     sim = sub.add_parser("simulate", help="run a simulated fleet, aggregator and broker in one process")
     _add_corpus_args(sim)
