@@ -554,8 +554,10 @@ class DeviceClient:
         else:
             self.stats.updates_rejected += 1
             self.stats.last_rejection = f"{ack.reason}: {ack.detail}"
-            log.warning("%s: update for round %d rejected: %s %s", self.config.device_id, ack.round_id,
-                        ack.reason, ack.detail)
+            # over-selected devices that report after the goal was reached: expected, not a problem
+            level = logging.INFO if ack.reason == Reason.ROUND_CLOSED.value else logging.WARNING
+            log.log(level, "%s: update for round %d rejected: %s %s", self.config.device_id, ack.round_id,
+                    ack.reason, ack.detail)
         self._event("ack", round=ack.round_id, accepted=ack.accepted, reason=ack.reason)
 
     # ---- helpers -------------------------------------------------------------------------
