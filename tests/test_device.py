@@ -334,7 +334,9 @@ def test_an_update_whose_round_closed_is_dropped_with_a_log_line(stack, bundle, 
 
     device = start_device(stack, bundle, settings, public_key, "expired", tmp_path, outbox=Outbox(tmp_path / "outbox"))
     wait_for(lambda: len(Outbox(tmp_path / "outbox")) == 0, "the expired update to be dropped", 10)
-    assert f"dropped {item.id}: round 1 deadline passed before it could be sent" in caplog.text
+    # the file goes first, the log line right after it (another thread): wait for the line too
+    wait_for(lambda: f"dropped {item.id}: round 1 deadline passed before it could be sent" in caplog.text,
+             "the drop to be logged", 5)
     time.sleep(0.5)  # anything sent would have reached the listening aggregator by now
     assert not agg.rejections and device.stats.updates_accepted == device.stats.updates_rejected == 0
 
