@@ -144,12 +144,13 @@ def plot_pareto(result: "TuneResult", path: Path) -> Path:
         rec = result.recommendation
         axis.scatter([rec.uplink_bytes_per_update], [rec.top3], marker="*", s=260, color="gold", edgecolor="black",
                      zorder=5, label=f"recommended: {rec.spec}")
-    for j, r in enumerate(sorted(result.rows, key=lambda r: r.uplink_bytes_per_update)):
+    axis.set_xscale("log")
+    labels = []
+    for r in result.rows:
         text = f"{r.spec} ({r.compression_ratio:.0f}x)"
         text += "" if len(groups) == 1 else f" c{r.clients_per_round} e{r.local_epochs}"
-        axis.annotate(text, (r.uplink_bytes_per_update, r.top3), textcoords="offset points",
-                      xytext=(6, 7 if j % 2 == 0 else -13), fontsize=7.5)
-    axis.set_xscale("log")
+        labels.append(((r.uplink_bytes_per_update, r.top3), text))
+    _place_labels(fig, axis, labels)
     axis.set_xlabel("uplink bytes per update (log scale)")
     axis.set_ylabel("top-3 next-word accuracy (test)")
     axis.grid(alpha=0.3, which="both")
@@ -160,6 +161,35 @@ def plot_pareto(result: "TuneResult", path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# offsets (points) tried in turn for a label: above right, below right, further up/down, then to the left
+_LABEL_OFFSETS = [(6, 7), (6, -13), (6, 19), (6, -25), (6, 31), (6, -37), (-6, 7), (-6, -13), (-6, 19), (-6, -25)]
+
+
+def _place_labels(fig, axis, labels: list[tuple[tuple[float, float], str]], fontsize: float = 7.5) -> None:
+    """Label each point at the first offset where its text overlaps no label placed before it."""
+    fig.canvas.draw()  # fixes the axis limits, so data -> pixel positions are final
+    to_pixels = axis.transData.transform
+    scale = fig.dpi / 72.0
+    placed: list[tuple[float, float, float, float]] = []
+    for (x, y), text in sorted(labels, key=lambda item: item[0]):
+        px, py = to_pixels((x, y))
+        width, height = 0.6 * fontsize * len(text) * scale, 1.3 * fontsize * scale
+        box, offset = None, _LABEL_OFFSETS[0]
+        for dx, dy in _LABEL_OFFSETS:
+            left = px + dx * scale - (width if dx < 0 else 0)
+            candidate = (left, py + dy * scale, left + width, py + dy * scale + height)
+            if not any(candidate[0] < b[2] and b[0] < candidate[2] and candidate[1] < b[3] and b[1] < candidate[3]
+                       for b in placed):
+                box, offset = candidate, (dx, dy)
+                break
+        if box is None:
+            left = px + 6 * scale
+            box = (left, py + 7 * scale, left + width, py + 7 * scale + height)
+        placed.append(box)
+        axis.annotate(text, (x, y), textcoords="offset points", xytext=offset, fontsize=fontsize,
+                      ha="right" if offset[0] < 0 else "left")
 
 
 def write_all(result: "TuneResult", out: Path) -> dict[str, str]:
