@@ -703,7 +703,7 @@ def _report(cfg: SimConfig, corpus_name: str, task: Task, bundle, per_round: lis
         "per_round": [
             {k: r[k] for k in ("round", "top1", "top3", "uplink_bytes", "downlink_bytes", "wall_s", "participants",
                                "dropped", "checkins", "train_loss", "rejected", "committed", "cohort", "pool_busy_s",
-                               "round_wall_s", "pool_size", "sim_end_s") if k in r}
+                               "round_wall_s", "pool_size", "sim_end_s", "privacy") if k in r and r[k] != {}}
             for r in per_round
         ],
         "uplink_bytes_total": uplink,

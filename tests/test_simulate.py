@@ -41,3 +41,11 @@ def test_small_fleet_through_mosquitto(tmp_path, cache_dir, mosquitto):
 def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match="--rounds"):
         SimConfig(rounds=0)
+
+
+def test_dp_fedavg_epsilon_lands_in_the_report(tmp_path, cache_dir):
+    report = run_simulation(SimConfig(out=str(tmp_path), **{**TINY, "clients_per_round": 3},
+                                      aggregation="dp:clip=0.5,noise=1.0,expected=3", over_selection=1.0))
+    eps = [row["privacy"]["epsilon"] for row in report["per_round"]]
+    assert len(eps) == 2 and 0 < eps[0] < eps[1]  # epsilon grows with every DP round
+    assert report["per_round"][0]["privacy"]["noise_multiplier"] == 1.0
