@@ -44,12 +44,16 @@ BLOCKED = ("tensorflow", "keras", "tf_keras", "tensorboard", "jax", "torch")
 FLEET = "bench"
 TARGET_RSS_MB = 150.0
 TARGET_COLD_START_S = 2.0
-# The client as started by hand, and with glibc's malloc told to return big freed blocks to the
-# system at once (a fixed mmap threshold; fewer per-thread arenas), which a systemd unit can set.
+# The client as started by hand, and with the malloc environment of edge_client/deploy/
+# fedboard-client.service (the client sets the same glibc knobs itself, edge_client.app.tune_malloc,
+# unless the environment does: both variants should measure alike).
 VARIANTS = {
     "default": {},
     "malloc_tuned": {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"},
 }
+# Where the memory goes, in the order a round passes them (RSS at each and the peak so far).
+PHASES = ("main", "imported", "bootstrapped", "selected", "interpreter_created", "first_step_start",
+          "first_step_end", "trained", "interpreter_freed", "encoded", "sent", "ack", "stopped")
 
 
 # =========================================================================== the device process
@@ -99,6 +103,18 @@ class _Marks(dict):
             self.peak_mb[name] = memory.get("VmHWM", float("nan"))
 
 
+def _marked(function, marks: _Marks, name: str, after: str = "selected"):
+    """`function`, marking `name` when it returns (the first time once `after` is marked: the
+    round's calls, not the start-up check that loads the bundle into an interpreter once)."""
+    def wrapper(*args, **kwargs):
+        result = function(*args, **kwargs)
+        if after in marks:
+            marks.mark(name)
+        return result
+
+    return wrapper
+
+
 def device_process(config_path: str, out_path: str, timeout_s: float) -> int:
     """The client, timed: runs until its update of one round is acknowledged, then reports."""
     marks = _Marks()
@@ -113,6 +129,8 @@ def device_process(config_path: str, out_path: str, timeout_s: float) -> int:
     import_s = time.perf_counter() - started
     marks.mark("imported")
 
+    from protocol.codec import Codec
+
     original_step = LiteRTModel.train_step
 
     def timed_step(self, *args, **kwargs):
@@ -122,6 +140,12 @@ def device_process(config_path: str, out_path: str, timeout_s: float) -> int:
         return loss
 
     LiteRTModel.train_step = timed_step
+    # phase marks after the steps of a round that move memory (each records VmRSS and VmHWM)
+    for cls, method, name in ((LiteRTModel, "__init__", "interpreter_created"),
+                              (LiteRTModel, "get_weights", "trained"),
+                              (LiteRTModel, "close", "interpreter_freed"),
+                              (Codec, "encode", "encoded")):
+        setattr(cls, method, _marked(getattr(cls, method), marks, name))
     done = threading.Event()
     outcome: dict = {}
 
@@ -269,8 +293,10 @@ def summarize(by_kind: dict[str, list[dict]]) -> dict:
         "cold_start_runs_s": {kind: [round(r["cold_start_s"], 3) for r in rs] for kind, rs in by_kind.items()},
         "import_s": _median([r["import_s"] for r in runs]),
         "phases_s_median": {name: _median([r["phases_s"][name] for r in runs]) for name in runs[0]["phases_s"]},
-        "rss_mb_at_phase_median": {name: _median([r["rss_mb_at"][name] for r in runs]) for name in runs[0]["rss_mb_at"]},
-        "peak_rss_mb_by_phase_median": {name: _median([r["peak_rss_mb_by"][name] for r in runs])
+        "rss_mb_at_phase_median": {name: _median([r["rss_mb_at"][name] for r in runs if name in r["rss_mb_at"]])
+                                   for name in runs[0]["rss_mb_at"]},
+        "peak_rss_mb_by_phase_median": {name: _median([r["peak_rss_mb_by"][name] for r in runs
+                                                       if name in r["peak_rss_mb_by"]])
                                         for name in runs[0]["peak_rss_mb_by"]},
         "round_s_median": _median([r["round_s"] for r in runs]),
         "train_steps_per_round": runs[0]["stats"]["train_steps"],
@@ -442,7 +468,7 @@ def main() -> None:
     tuned = summaries["malloc_tuned"]["peak_rss_mb"]["median"]
     rows = [
         ("peak RSS, client process, full round", f"{peak:.1f} MB", f"<= {TARGET_RSS_MB:.0f} MB"),
-        ("  same, malloc tuned (MALLOC_MMAP_THRESHOLD_)", f"{tuned:.1f} MB", ""),
+        ("  same, with the systemd unit's malloc env", f"{tuned:.1f} MB", ""),
         ("cold start to 1st training step (restart)", f"{cold['restart']:.2f} s", f"< {TARGET_COLD_START_S:.0f} s"),
         ("cold start to 1st training step (first boot)", f"{cold['first_boot']:.2f} s", "(fetches the bundle)"),
         ("  of which imports", f"{default['import_s']:.2f} s", ""),
@@ -454,6 +480,11 @@ def main() -> None:
                      f"{speed['tensorflow_steps_per_s']}", f"litert time {speed['litert_over_tensorflow_time']}x"))
     for name, value, note in rows:
         print(f"{name:<46} {value:>16}  {note}", file=sys.stderr)
+    at, hwm = default["rss_mb_at_phase_median"], default["peak_rss_mb_by_phase_median"]
+    print(f"{'phase (default variant, medians)':<32} {'RSS MB':>8} {'peak so far':>12}", file=sys.stderr)
+    for phase in PHASES:
+        if phase in at:
+            print(f"{phase:<32} {at[phase]:>8.1f} {hwm[phase]:>12.1f}", file=sys.stderr)
 
 
 if __name__ == "__main__":

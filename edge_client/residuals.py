@@ -39,7 +39,7 @@ class ResidualStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "wb") as fh:
-            fh.write(residual.tobytes())
+            fh.write(memoryview(residual).cast("B"))  # no bytes copy of the vector
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)

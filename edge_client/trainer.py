@@ -41,16 +41,33 @@ class LocalResult:
 
 
 class InterpreterPool:
-    """A fixed number of LiteRT interpreters of one bundle, leased one at a time."""
+    """A fixed number of LiteRT interpreters of one bundle, leased one at a time.
 
-    def __init__(self, bundle: Bundle, size: int = 1, num_threads: int = 1) -> None:
+    `keep_idle=True` (the simulator: many devices share few interpreters) creates them all
+    now and keeps them. `keep_idle=False` (a real device, which trains a few minutes an hour)
+    creates an interpreter when a lease starts and frees it when the lease ends: its arenas
+    and variables (about 65 MB for the reference model) are held only while training, and
+    whatever follows the training (delta, encoding, publishing) does not add to that peak.
+    `after_release` runs after such a free (e.g. glibc's malloc_trim, see edge_client.app).
+    """
+
+    def __init__(self, bundle: Bundle, size: int = 1, num_threads: int = 1, *, keep_idle: bool = True,
+                 after_release: Callable[[], object] | None = None) -> None:
         if size < 1:
             raise ValueError("interpreter pool size must be >= 1")
         self.bundle = bundle
         self.size = size
-        self._free: queue.Queue[LiteRTModel] = queue.Queue()
+        self.num_threads = num_threads
+        self.keep_idle = keep_idle
+        self._after_release = after_release
+        # a slot holds an idle interpreter, or None where one is to be created on lease
+        self._free: queue.Queue[LiteRTModel | None] = queue.Queue()
         for _ in range(size):
-            self._free.put(LiteRTModel(bundle, num_threads=num_threads))
+            self._free.put(LiteRTModel(bundle, num_threads=num_threads) if keep_idle else None)
+        if not keep_idle:  # a bundle the runtime cannot load fails here, not at the first round
+            LiteRTModel(bundle, num_threads=num_threads).close()
+            if after_release is not None:
+                after_release()
 
     @contextlib.contextmanager
     def lease(self, timeout_s: float | None = None) -> Iterator[LiteRTModel]:
@@ -58,10 +75,23 @@ class InterpreterPool:
             model = self._free.get(timeout=timeout_s)
         except queue.Empty:
             raise TimeoutError(f"no free interpreter within {timeout_s} s") from None
+        if model is None:
+            try:
+                model = LiteRTModel(self.bundle, num_threads=self.num_threads)
+            except BaseException:
+                self._free.put(None)
+                raise
         try:
             yield model
         finally:
-            self._free.put(model)
+            if self.keep_idle:
+                self._free.put(model)
+            else:
+                model.close()  # frees the interpreter even while the caller still holds `model`
+                del model
+                self._free.put(None)
+                if self._after_release is not None:
+                    self._after_release()
 
 
 class WindowSource(Protocol):

@@ -20,10 +20,13 @@ numpy and the standard library only: devices read bundles without TensorFlow.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
 import logging
+import mmap
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,7 @@ __all__ = [
     "BundleError",
     "WeightSpec",
     "read_bundle",
+    "release_zero_pages",
     "weight_layout",
 ]
 
@@ -147,8 +151,48 @@ def _sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _weights_bytes(weights: np.ndarray) -> bytes:
-    return np.ascontiguousarray(weights, dtype="<f4").tobytes()
+def _weights_bytes(weights: np.ndarray) -> memoryview:
+    """The weights as little-endian float32 bytes, without a copy when they already are."""
+    return memoryview(np.ascontiguousarray(weights, dtype="<f4")).cast("B")
+
+
+_MADV_DONTNEED = 4  # <sys/mman.h> on Linux
+
+
+def release_zero_pages(data: bytes) -> int:
+    """Give the all-zero memory pages inside `data` back to the kernel; returns the bytes freed.
+
+    A training bundle's graph carries the initial values of its variables, which are exported
+    as zeros: 6.2 of the reference model's 6.4 MB. The interpreter keeps the graph bytes for
+    its whole life but reads those zeros once. madvise(MADV_DONTNEED) on a private anonymous
+    page makes the next read see a zero page again, so the content of `data` cannot change;
+    the pages just stop counting in the process's RSS. Linux and CPython only (elsewhere a
+    no-op returning 0): CPython's bytes keep their content inside the object.
+    """
+    page = mmap.PAGESIZE
+    if sys.platform != "linux" or sys.implementation.name != "cpython" or len(data) < 4 * page:
+        return 0
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+    if not id(data) < address < id(data) + sys.getsizeof(data):
+        return 0  # not the object's own buffer: touch nothing
+    first = -(-address // page) * page
+    count = (address + len(data) - first) // page
+    view = np.frombuffer(data, dtype=np.uint8, count=count * page, offset=first - address)
+    zero = ~view.view(np.uint64).reshape(count, page // 8).any(axis=1)
+    if not zero.any():
+        return 0
+    # runs of consecutive zero pages: one madvise call each
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], zero, [False])).astype(np.int8)))
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    released = 0
+    for start, stop in zip(edges[::2].tolist(), edges[1::2].tolist()):
+        if madvise(first + start * page, (stop - start) * page, _MADV_DONTNEED) == 0:
+            released += (stop - start) * page
+    return released
 
 
 @dataclass(frozen=True, eq=False)
@@ -231,7 +275,7 @@ class Bundle:
         return {s.name: weights[s.offset : s.offset + s.size].reshape(s.shape) for s in self.layout}
 
     # --------------------------------------------------------- serialization
-    def _member_bytes(self) -> dict[str, bytes]:
+    def _member_bytes(self) -> dict[str, bytes | memoryview]:
         return {
             TFLITE: self.tflite,
             VOCAB: _canonical_json(self.vocab_json),
@@ -314,8 +358,13 @@ class Bundle:
             vocab_json = json.loads(contents[VOCAB])
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BundleError(f"vocab.json is not valid JSON: {exc}") from exc
-        weights = np.frombuffer(contents[WEIGHTS], dtype="<f4").astype(np.float32)
+        # a read-only view of the member's bytes (no copy) on little-endian machines
+        weights = np.frombuffer(contents[WEIGHTS], dtype="<f4")
+        if weights.dtype != np.float32:
+            weights = weights.astype(np.float32)
         bundle = cls(config, vocab_json, contents[TFLITE], layout, weights, _sha256(manifest_bytes))
+        released = release_zero_pages(bundle.tflite)
+        logger.debug("bundle %s: %d bytes of zero pages in the graph released", bundle.model_id, released)
         return bundle
 
     def write(self, path: str | Path) -> Path:

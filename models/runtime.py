@@ -67,6 +67,10 @@ def _as_ids(name: str, a: np.ndarray, seq_len: int, vocab_size: int) -> np.ndarr
     return np.ascontiguousarray(a, dtype=np.int32)
 
 
+def _closed_runner(**kwargs: object) -> dict:
+    raise RuntimeError("this LiteRTModel was closed (its interpreter is freed); create a new one")
+
+
 class _Predictor:
     """Chunked `infer` shared by the training model and the int8 inference model."""
 
@@ -125,7 +129,25 @@ class LiteRTModel(_Predictor):
         self._y_buf = np.zeros((b, t), np.int32)
         # The graph's variables are exported as zeros: the bundle's weights are the start.
         self.set_weights(bundle.initial_weights)
-        self.set_anchor(bundle.initial_weights)
+        # The FedProx anchor is set on first need (mu > 0): every signature that runs keeps an
+        # arena of its own, and set_anchor's holds a full weight vector (3 MB for the reference
+        # model) that a plain FedAvg device never needs.
+        self._anchor_set = False
+
+    # ------------------------------------------------------------ lifetime
+    @property
+    def closed(self) -> bool:
+        return self._interpreter is None
+
+    def close(self) -> None:
+        """Free the interpreter now: its arenas (about 50 MB for the reference model's training
+        step) and variables go back to the allocator, whoever still holds this object.
+
+        A device that trains once every few minutes keeps nothing between rounds this way;
+        any later call raises RuntimeError. Closing twice is harmless.
+        """
+        self._interpreter = None
+        self._infer = self._train = self._get = self._set = self._set_anchor = _closed_runner
 
     # ------------------------------------------------------------ weights
     def _check_flat(self, w: np.ndarray, what: str) -> np.ndarray:
@@ -146,8 +168,13 @@ class LiteRTModel(_Predictor):
         self._set(weights=self._check_flat(w, "set_weights"))
 
     def set_anchor(self, w: np.ndarray) -> None:
-        """The FedProx anchor (the round's global weights) that `mu` pulls towards."""
+        """The FedProx anchor (the round's global weights) that `mu` pulls towards.
+
+        Until it is set, the anchor is the bundle's initial weights (set when a step first
+        needs it, i.e. with mu > 0).
+        """
         self._set_anchor(weights=self._check_flat(w, "set_anchor"))
+        self._anchor_set = True
 
     # ----------------------------------------------------------- training
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float = 0.0, clip: float = 0.0) -> float:
@@ -168,6 +195,8 @@ class LiteRTModel(_Predictor):
             self._y_buf[:n] = y
             self._y_buf[n:] = PAD_ID
             x, y = self._x_buf, self._y_buf
+        if mu and not self._anchor_set:
+            self.set_anchor(self.bundle.initial_weights)
         out = self._train(x=x, y=y, lr=np.float32(lr), mu=np.float32(mu), clip=np.float32(clip))
         return float(out["loss"])
 

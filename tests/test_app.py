@@ -5,8 +5,10 @@ import hashlib
 import ipaddress
 import logging
 import os
+import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -196,6 +198,7 @@ def test_device_trains_a_round_over_tls_with_a_password_and_survives_a_restart(
         try:
             assert (config.device.state_dir / "bundle.fbz").exists()
             assert "fetched and cached" in caplog.text
+            assert not app.device.pool.keep_idle  # the interpreter lives only while a round trains
             result = agg.run_round()
         finally:
             app.stop()
@@ -387,3 +390,49 @@ def test_eligibility_gate_follows_the_platform_and_caches_during_training():
     assert gate(True) == (True, ()) and platform.reads == reads  # cached within the interval
     now[0] += 1.5
     assert gate(True) == (False, ("not_charging",))
+
+
+TUNED_MALLOC = r"""
+import json, threading
+import numpy as np
+from edge_client.app import tune_malloc
+
+def rss_anon_mb():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("RssAnon:")) / 1024
+
+def round_like(kept):
+    # what a round does on the training thread: weight-sized buffers made and dropped, with
+    # small objects that outlive them allocated in between (they pin the heap under glibc's defaults)
+    for _ in range(3):
+        buffers = []
+        for _ in range(8):
+            buffers.append(np.ones(781_068, np.float32))
+            kept.append(np.ones(64, np.float32))
+        del buffers
+
+done = {} if TUNE == "no" else tune_malloc()
+kept = []
+base = rss_anon_mb()
+worker = threading.Thread(target=round_like, args=(kept,))
+worker.start()
+worker.join()
+print(json.dumps({"done": done, "growth_mb": rss_anon_mb() - base}))
+"""
+
+
+def run_malloc_probe(tune: bool, env: dict[str, str]) -> dict:
+    code = f"TUNE = {'yes' if tune else 'no'!r}\n" + TUNED_MALLOC
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_tune_malloc_gives_freed_buffers_back_and_leaves_env_settings_alone():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    untuned, tuned = run_malloc_probe(False, env), run_malloc_probe(True, env)
+    assert tuned["done"] == {"MALLOC_ARENA_MAX": 2, "MALLOC_MMAP_THRESHOLD_": 131072}
+    assert tuned["growth_mb"] < 4, tuned  # 75 MB were allocated and freed
+    assert untuned["growth_mb"] > tuned["growth_mb"] + 10, (untuned, tuned)  # what it is for
+    assert run_malloc_probe(True, {**env, "MALLOC_ARENA_MAX": "4"})["done"] == {"MALLOC_MMAP_THRESHOLD_": 131072}

@@ -4,15 +4,17 @@ Uses a stand-in flatbuffer (the bundle only checks the TFL3 identifier), so
 these tests need neither TensorFlow nor the interpreter.
 """
 
+import hashlib
 import io
 import json
 import random
+import sys
 import zipfile
 
 import numpy as np
 import pytest
 
-from models.bundle import Bundle, BundleError, WeightSpec, read_bundle, weight_layout
+from models.bundle import Bundle, BundleError, WeightSpec, read_bundle, release_zero_pages, weight_layout
 from models.config import ModelConfig
 
 CONFIG = ModelConfig(vocab_size=50, embed_dim=8, units=16, seq_len=5, batch_size=4)
@@ -165,3 +167,34 @@ def test_weights_are_read_only_and_split_into_views():
     assert parts["cifg/kernel"].shape == (8, 48)
     assert np.shares_memory(parts["embedding"], b.initial_weights)
     np.testing.assert_array_equal(parts["output_bias"], b.initial_weights[-50:])
+
+
+def _rss_anon_mb() -> float:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("RssAnon:")) / 1024
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="madvise(MADV_DONTNEED) is the Linux mechanism")
+def test_release_zero_pages_keeps_the_content_and_frees_the_memory():
+    """The graph's zero initial values stop counting in RSS; the bytes read back the same."""
+    head, tail = bytes(range(256)) * 64, b"\xff" * 5000
+    data = head + b"\0" * (16 << 20) + tail  # written out in full: every page resident
+    digest = hashlib.sha256(data).hexdigest()
+    before = _rss_anon_mb()
+    released = release_zero_pages(data)
+    after = _rss_anon_mb()
+    assert (16 << 20) - 2 * 4096 <= released <= 16 << 20
+    assert before - after > 12, (before, after)
+    assert hashlib.sha256(data).hexdigest() == digest  # reads see the zeros again
+    assert data[:len(head)] == head and data[-len(tail):] == tail
+    assert release_zero_pages(data) == released  # idempotent
+    assert release_zero_pages(b"\x01" * (1 << 20)) == 0  # nothing to release
+    assert release_zero_pages(bytes(100)) == 0  # too small to bother
+
+
+def test_read_weights_are_a_read_only_view_of_the_member_bytes():
+    back = Bundle.from_bytes(make(4).to_bytes())
+    w = back.initial_weights
+    assert w.dtype == np.float32 and not w.flags.writeable
+    assert not w.flags.owndata  # no second copy of the weights
+    np.testing.assert_array_equal(w, make(4).initial_weights)

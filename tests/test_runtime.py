@@ -199,3 +199,29 @@ def test_top_k_from_logits_orders_best_first():
     np.testing.assert_array_equal(top_k_from_logits(logits, 3), [[1, 4, 3]])
     with pytest.raises(ValueError):
         top_k_from_logits(logits, 6)
+
+
+def test_anchor_defaults_to_the_bundle_weights_when_fedprox_needs_it(bundle):
+    """The anchor is set on first need: mu > 0 without set_anchor pulls towards the bundle's weights."""
+    x, y = windows(np.random.default_rng(7), 8)
+    implicit, explicit, elsewhere = LiteRTModel(bundle), LiteRTModel(bundle), LiteRTModel(bundle)
+    explicit.set_anchor(bundle.initial_weights)
+    elsewhere.set_anchor(bundle.initial_weights + np.float32(0.5))
+    for model in (implicit, explicit, elsewhere):
+        model.train(x, y, epochs=3, lr=0.5, rng=np.random.default_rng(0), mu=1.0)
+    np.testing.assert_array_equal(implicit.get_weights(), explicit.get_weights())
+    assert not np.array_equal(implicit.get_weights(), elsewhere.get_weights())
+
+
+def test_close_frees_the_interpreter_and_refuses_later_use(bundle):
+    model = LiteRTModel(bundle)
+    x, y = windows(np.random.default_rng(8), 4)
+    model.train_step(x, y, lr=0.1)
+    assert not model.closed
+    model.close()
+    model.close()  # twice is harmless
+    assert model.closed
+    for call in (model.get_weights, lambda: model.train_step(x, y, lr=0.1), lambda: model.logits(x),
+                 lambda: model.set_weights(bundle.initial_weights)):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()

@@ -57,7 +57,8 @@ def check_vector(vec: np.ndarray, what: str = "update") -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: refused below
         arr = np.ascontiguousarray(arr, dtype=np.float32)
     if arr.size:
-        peak = float(np.max(np.abs(arr)))
+        # max |x| without an |x| temporary (a vector-sized copy); NaN propagates through both
+        peak = max(-float(arr.min()), float(arr.max()))
         if not peak <= MAX_ABS_VALUE:  # also catches NaN
             raise CodecError(Reason.NOT_FINITE, f"{what} holds NaN, infinity or a value beyond "
                                                 f"{MAX_ABS_VALUE:g} (max |x| = {peak}); refusing to encode it")
@@ -144,7 +145,8 @@ class Codec:
                 reader = ByteReader(body)
                 indices, values = self._decode_from(i + 1, reader, corrected.size, 1.0)
                 reader.finish()
-                new_residual = corrected.copy()
+                # vec + residual is a fresh array: it becomes the new residual in place
+                new_residual = corrected if residual is not None else corrected.copy()
                 if indices is None:
                     new_residual -= values
                 else:
