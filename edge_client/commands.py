@@ -142,19 +142,9 @@ def _read_weights(path: Path, size: int):
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (for tests and for a device without the lead's CLI): `python -m edge_client.commands`."""
-    import logging
+    from protocol.cli_entry import run_commands
 
-    parser = argparse.ArgumentParser(prog="fedboard")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return args.handler(args)
-    except (ValueError, FileNotFoundError, ConnectionError, TimeoutError) as exc:
-        print(f"fedboard {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_commands(register, argv)
 
 
 if __name__ == "__main__":
