@@ -173,9 +173,15 @@ def apply_overrides(obj: Any, data: Any, where: str) -> Any:
 
 
 def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProfileError(where, f"must be a number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)  # an integer beyond float range is an OverflowError
+    except OverflowError:
+        raise ProfileError(where, f"must be a number, got an integer of {value.bit_length()} bits") from None
+    if not math.isfinite(number):
+        raise ProfileError(where, f"must be a finite number, got {value!r}")
+    return number
 
 
 def _coerce(name: str, current: Any, hint: Any, value: Any, where: str) -> Any:

@@ -263,6 +263,10 @@ def load_scenario(path: str | Path) -> Scenario:
                             path=p) from None
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"not valid TOML: {exc}", path=p) from None
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path=p) from None
+    except (ValueError, RecursionError) as exc:  # tomllib: a 4,300+ digit integer, arrays nested too deep
+        raise ScenarioError(f"not valid TOML: {str(exc)[:200]}", path=p) from None
     return parse_scenario(data, path=p)
 
 
@@ -301,10 +305,11 @@ def parse_scenario(data: Mapping[str, Any], *, path: str | Path | None = None) -
         if not resolved.exists():
             raise fail("corpus.path", f"{resolved} does not exist (relative paths start at the scenario's folder)")
         corpus = dataclasses.replace(corpus, path=str(resolved))
-    goal = math.ceil(rounds.clients_per_round * rounds.over_selection)
     if fleet.devices < rounds.clients_per_round:
-        raise fail("fleet.devices", f"{fleet.devices} devices cannot fill a round of {rounds.clients_per_round} "
-                   f"(cohort with over-selection: {goal})")
+        # float(int) overflows for a TOML integer beyond float range: compute the goal in ints
+        goal = -(-rounds.clients_per_round * round(rounds.over_selection * 1000) // 1000)
+        raise fail("fleet.devices", f"{fleet.devices} devices cannot fill a round of rounds.clients_per_round = "
+                   f"{rounds.clients_per_round} (cohort with over-selection: about {goal})")
     scenario = Scenario(name=name, description=description, seed=seed, fleet=fleet,
                         profiles=MappingProxyType(profiles), corpus=corpus, rounds=rounds, clock=clock,
                         training=training, eligibility=eligibility, path=None if path is None else Path(path))
@@ -368,8 +373,9 @@ def _fleet(table: Any, profiles: Mapping[str, DeviceProfile]) -> FleetSpec:
         canonical = ALIASES.get(name, name)
         if canonical not in profiles:
             raise ProfileError(f"fleet.composition.{name}", f"no such profile; known: {', '.join(profiles)}")
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not share >= 0:
-            raise ProfileError(f"fleet.composition.{name}", f"share must be a number >= 0, got {share!r}")
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not share >= 0 \
+                or (isinstance(share, int) and share > 1):  # an int beyond float range would overflow below
+            raise ProfileError(f"fleet.composition.{name}", f"share must be a number in 0..1, got {share!r}")
         pairs.append((canonical, float(share)))
     total = sum(s for _, s in pairs)
     if abs(total - 1.0) > 1e-6:

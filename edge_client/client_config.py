@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_client.eligibility import EligibilityPolicy
+from edge_client.local_dp import LocalDPConfig
 from protocol.topics import ID_PATTERN
 from protocol.transport import MqttSettings
 
@@ -69,6 +70,13 @@ class TrainingSection:
 
 
 @dataclass(frozen=True)
+class PrivacySection:
+    """Local DP: the device owner's choice, never the round plan's (see edge_client/local_dp.py)."""
+
+    local_dp: LocalDPConfig | None = None   # None = updates leave without local noise
+
+
+@dataclass(frozen=True)
 class PlatformSection:
     metered_interfaces: tuple[str, ...] = ()
     unmetered_interfaces: tuple[str, ...] = ()
@@ -87,6 +95,7 @@ class ClientConfig:
     store: StoreSection
     training: TrainingSection
     platform: PlatformSection
+    privacy: PrivacySection = PrivacySection()
 
     def check_files(self) -> None:
         """ConfigError naming the key if a file the config points to is missing or unreadable.
@@ -129,6 +138,14 @@ class ClientConfig:
 
 # -- loading -------------------------------------------------------------------------------------
 _UNSET = object()
+
+
+def _finite(value: int | float) -> bool:
+    """math.isfinite without the OverflowError TOML integers beyond float range would raise."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 class _Section:
@@ -177,7 +194,7 @@ class _Section:
         if not self.given(key, default):
             return default
         value = self.table[key]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
         if not ok or value < lo or (strict and value == lo):
             bound = f"> {lo:g}" if strict else f">= {lo:g}"
             raise self.error(key, f"expected a number {bound}, got {value!r}")
@@ -194,8 +211,14 @@ class _Section:
     def path(self, key: str, default: Any = _UNSET) -> Any:
         if not self.given(key, default):
             return default
-        path = Path(self.string(key)).expanduser()
-        return path if path.is_absolute() else (self.base / path).resolve()
+        text = self.string(key)
+        if "\0" in text:
+            raise self.error(key, "a path cannot contain a NUL character")
+        try:
+            path = Path(text).expanduser()
+            return path if path.is_absolute() else (self.base / path).resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # e.g. ~nosuchuser, a symlink loop
+            raise self.error(key, f"not a usable path: {exc}") from None
 
     def strings(self, key: str) -> tuple[str, ...]:
         if not self.given(key, ()):
@@ -211,7 +234,7 @@ class _Section:
             raise self.error(unknown[0], f"unknown key (known keys: {', '.join(sorted(self.used))})")
 
 
-_SECTIONS = ("device", "broker", "trust", "policy", "store", "training", "platform")
+_SECTIONS = ("device", "broker", "trust", "policy", "store", "training", "platform", "privacy")
 
 
 def load_client_config(path: str | Path) -> ClientConfig:
@@ -230,6 +253,8 @@ def load_client_config(path: str | Path) -> ClientConfig:
         raise ConfigError(f"{file}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # tomllib: a 4,300+ digit integer, arrays nested too deep
+        raise ConfigError(f"{file}: not valid TOML: {str(exc)[:200]}") from None
     for name, value in doc.items():
         if name not in _SECTIONS:
             known = ", ".join(f"[{s}]" for s in _SECTIONS)
@@ -277,8 +302,27 @@ def load_client_config(path: str | Path) -> ClientConfig:
                                idle_after_s=s.number("idle_after_s", 60.0, 0.0))
     s.check_unknown()
 
+    s = section("privacy", False)
+    privacy = _privacy(s)
+    s.check_unknown()
+
     return ClientConfig(path=path.resolve(), device=device, broker=broker, trust=trust, policy=policy,
-                        store=store, training=training, platform=platform)
+                        store=store, training=training, platform=platform, privacy=privacy)
+
+
+def _privacy(s: _Section) -> PrivacySection:
+    clip = s.number("local_dp_clip", 0.0, 0.0)
+    epsilon = s.number("local_dp_epsilon", None, 0.0, strict=True)
+    delta = s.number("local_dp_delta", 1e-5, 0.0, strict=True)
+    if not clip:
+        if epsilon is not None:
+            raise s.error("local_dp_epsilon", "set local_dp_clip (the L2 bound of an update) too, or remove it")
+        return PrivacySection()
+    if epsilon is None:
+        raise s.error("local_dp_epsilon", "missing: local DP (local_dp_clip > 0) needs an epsilon per update")
+    if delta >= 1.0:
+        raise s.error("local_dp_delta", f"expected a number in (0, 1), got {delta!r}")
+    return PrivacySection(LocalDPConfig(clip=clip, epsilon=epsilon, delta=delta))
 
 
 def _broker(s: _Section) -> BrokerSection:
@@ -318,7 +362,7 @@ def _policy(s: _Section) -> EligibilityPolicy:
         if fields[key].type in ("bool", bool):
             if not isinstance(value, bool):
                 raise s.error(key, f"expected true or false, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
             raise s.error(key, f"expected a number, got {value!r}")
     try:
         return EligibilityPolicy.from_dict(dict(s.table))

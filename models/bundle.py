@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import mmap
 import sys
 import zipfile
@@ -121,7 +122,7 @@ def _check_layout(layout: tuple[WeightSpec, ...], param_count: int) -> None:
                 f"layout entry {spec.name!r} starts at {spec.offset}, expected {offset} "
                 "(entries must be contiguous and in order)"
             )
-        if spec.size != int(np.prod(spec.shape, dtype=np.int64)):
+        if spec.size != math.prod(spec.shape):  # exact integers: no int64 overflow on hostile shapes
             raise BundleError(f"layout entry {spec.name!r}: size {spec.size} != prod{spec.shape}")
         offset += spec.size
     if offset != param_count:
@@ -314,7 +315,7 @@ class Bundle:
         """Parse and verify a bundle; raises `BundleError` saying what is wrong."""
         try:
             zf = zipfile.ZipFile(io.BytesIO(data))
-        except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        except (zipfile.BadZipFile, ValueError, OSError, NotImplementedError) as exc:
             raise BundleError(f"not a training bundle (not a zip file): {exc}") from exc
         with zf:
             names = set(zf.namelist())
@@ -327,7 +328,7 @@ class Bundle:
             manifest_bytes = _read_member(zf, MANIFEST, None)
             try:
                 manifest = json.loads(manifest_bytes)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, 4,300+-digit ints, deep nesting
                 raise BundleError(f"manifest.json is not valid JSON: {exc}") from exc
             if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
                 got = manifest.get("format") if isinstance(manifest, dict) else None
@@ -347,8 +348,8 @@ class Bundle:
                     contents[name] = blob
             except BundleError:
                 raise
-            except (KeyError, TypeError, ValueError) as exc:
-                raise BundleError(f"manifest.json is incomplete or malformed: {exc!r}") from exc
+            except (KeyError, TypeError, ValueError, OverflowError, NotImplementedError) as exc:
+                raise BundleError(f"manifest.json is incomplete or malformed: {exc!r}"[:300]) from exc
         _check_layout(layout, config.param_count)
         if len(contents[WEIGHTS]) != 4 * config.param_count:
             raise BundleError(
@@ -356,7 +357,7 @@ class Bundle:
             )
         try:
             vocab_json = json.loads(contents[VOCAB])
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
             raise BundleError(f"vocab.json is not valid JSON: {exc}") from exc
         # a read-only view of the member's bytes (no copy) on little-endian machines
         weights = np.frombuffer(contents[WEIGHTS], dtype="<f4")

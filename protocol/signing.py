@@ -188,8 +188,8 @@ class ModelManifest:
         ):
             raise bad("base_version", f"must be None or an int in [0, version), got {self.base_version!r}")
         if isinstance(self.created_at, bool) or not isinstance(self.created_at, (int, float)) \
-                or not math.isfinite(self.created_at):
-            raise bad("created_at", f"must be a finite number, got {self.created_at!r}")
+                or not _finite_number(self.created_at):
+            raise bad("created_at", f"must be a finite number, got {_short_repr(self.created_at)}")
         object.__setattr__(self, "created_at", float(self.created_at))
         if not isinstance(self.extra, dict):
             raise bad("extra", f"must be an object, got {type(self.extra).__name__}")
@@ -233,6 +233,20 @@ class ModelManifest:
             return cls(**obj)
         except RecursionError:
             raise TrustError(Reason.BAD_FIELD, "manifest.extra is nested too deeply") from None
+
+
+def _finite_number(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # a JSON integer beyond float range
+        return False
+
+
+def _short_repr(value: Any) -> str:
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 100 else text[:100] + "..."
 
 
 def _is_int(value: Any) -> bool:

@@ -198,3 +198,19 @@ def test_read_weights_are_a_read_only_view_of_the_member_bytes():
     assert w.dtype == np.float32 and not w.flags.writeable
     assert not w.flags.owndata  # no second copy of the weights
     np.testing.assert_array_equal(w, make(4).initial_weights)
+
+
+def test_hostile_manifests_are_bundle_errors():
+    """Found by bench/fuzz_campaign.py: each of these escaped as a plain exception before."""
+    data = make().to_bytes()
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+    huge_int = b'{"format": ' + b"9" * 5000 + b"}"                       # ValueError from int parsing
+    deep = b"[" * 100_000 + b"]" * 100_000                                 # RecursionError
+    inf_size = json.dumps(manifest | {"members": {**manifest["members"], "model.tflite": {
+        **manifest["members"]["model.tflite"], "size": float("inf")}}}).encode()  # OverflowError in int()
+    layout = [dict(d) for d in manifest["layout"]]
+    layout[0]["shape"] = [2**62, 2**62]                                    # int64 overflow in a product
+    for bad in (huge_int, deep, inf_size, json.dumps(manifest | {"layout": layout}).encode()):
+        with pytest.raises(BundleError):
+            Bundle.from_bytes(rezip(data, {"manifest.json": bad}))

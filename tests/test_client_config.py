@@ -41,6 +41,14 @@ def test_the_example_config_loads():
     assert config.training.threads == 1 and config.platform.idle_after_s == 60
 
 
+def test_local_dp_is_off_unless_the_owner_sets_it(tmp_path):
+    assert load_client_config(EXAMPLE).privacy.local_dp is None
+    assert load_client_config(write(tmp_path, MINIMAL)).privacy.local_dp is None
+    text = MINIMAL + "\n[privacy]\nlocal_dp_clip = 0.5\nlocal_dp_epsilon = 4.0\n"
+    cfg = load_client_config(write(tmp_path, text)).privacy.local_dp
+    assert (cfg.clip, cfg.epsilon, cfg.delta) == (0.5, 4.0, 1e-5) and cfg.sigma > 0
+
+
 def test_minimal_config_gets_defaults_and_relative_paths(tmp_path):
     config = load_client_config(write(tmp_path, MINIMAL))
     assert config.device.state_dir == tmp_path / "state"
@@ -127,6 +135,12 @@ def test_bad_configs_name_the_file_and_key(tmp_path, change, message):
      "[platform] metered_interfaces: expected a list of non-empty strings"),
     ("[platform]\nidle_after_s = -1", "[platform] idle_after_s: expected a number >= 0, got -1"),
     ("training = 3", "training must be a section [training], not a plain key"),
+    ("[privacy]\nlocal_dp_clip = 1.0", "[privacy] local_dp_epsilon: missing"),
+    ("[privacy]\nlocal_dp_epsilon = 8.0", "[privacy] local_dp_epsilon: set local_dp_clip"),
+    ("[privacy]\nlocal_dp_clip = -1", "[privacy] local_dp_clip: expected a number >= 0, got -1"),
+    ("[privacy]\nlocal_dp_clip = 1\nlocal_dp_epsilon = 0", "[privacy] local_dp_epsilon: expected a number > 0"),
+    ("[privacy]\nlocal_dp_clip = 1\nlocal_dp_epsilon = 8\nlocal_dp_delta = 1.5",
+     "[privacy] local_dp_delta: expected a number in (0, 1), got 1.5"),
 ])
 def test_bad_optional_sections(tmp_path, extra, message):
     text = MINIMAL + "\n" + extra + "\n" if extra.startswith("[") else extra + "\n" + MINIMAL
@@ -158,3 +172,24 @@ def test_files_the_config_points_to_are_checked_before_use(tmp_path):
     config = load_client_config(write(tmp_path, text))
     with pytest.raises(ConfigError, match=r"\[broker\] password_file: .* is empty"):
         config.mqtt_settings()
+
+
+# -- found by bench/fuzz_campaign.py ---------------------------------------------------------------
+@pytest.mark.parametrize("line", ["deep = " + "[" * 50_000 + "]" * 50_000,  # tomllib: RecursionError
+                                  "big = " + "9" * 5000])                  # tomllib: ValueError (int digits)
+def test_toml_that_breaks_tomllib_is_a_config_error(tmp_path, line):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_client_config(write(tmp_path, line + "\n" + MINIMAL))
+
+
+def test_a_path_with_a_nul_character_is_a_config_error_naming_the_key(tmp_path):
+    text = MINIMAL.replace('state_dir = "state"', 'state_dir = "st\\u0000ate"')
+    with pytest.raises(ConfigError, match=r"\[device\] state_dir: a path cannot contain a NUL"):
+        load_client_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("section, key", [("platform", "idle_after_s"), ("policy", "min_battery_percent")])
+def test_an_integer_beyond_float_range_is_a_config_error_naming_the_key(tmp_path, section, key):
+    text = MINIMAL + f"\n[{section}]\n{key} = {'9' * 400}\n"
+    with pytest.raises(ConfigError, match=rf"\[{section}\] {key}: expected a number"):
+        load_client_config(write(tmp_path, text))

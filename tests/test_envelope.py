@@ -117,3 +117,26 @@ def test_any_single_byte_corruption_is_detected(pos, value):
     data[pos] = value
     with pytest.raises(EnvelopeError):
         decode_envelope(bytes(data))
+
+
+# -- found by bench/fuzz_campaign.py ---------------------------------------------------------------
+def _with_meta(meta: bytes) -> bytes:
+    """A CHECKIN envelope whose metadata block is `meta`, with its lengths and CRC made valid."""
+    import zlib
+
+    env = bytearray(Envelope(Kind.CHECKIN, "f", "d", meta={"a": 1}).encode())
+    head = list(struct.unpack_from("<4sBBHIIIIII4B", env, 0))
+    ids = bytes(env[HEADER_SIZE:HEADER_SIZE + head[10] + head[11] + head[12]])
+    head[7], head[9] = len(meta), 0
+    header = bytearray(struct.pack("<4sBBHIIIIII4B", *head))
+    crc = zlib.crc32(ids + meta, zlib.crc32(header))
+    header[HEADER_SIZE - 8:HEADER_SIZE - 4] = struct.pack("<I", crc)
+    return bytes(header) + ids + meta
+
+
+@pytest.mark.parametrize("meta", [b'{"a":' + b"9" * 5000 + b"}",  # int() refuses 4,300+ digits: ValueError
+                                  b'{"a":' + b"[" * 7000 + b"]" * 7000 + b"}"])  # RecursionError (TF raises the limit to 3,000)
+def test_metadata_json_that_breaks_the_json_module_is_an_envelope_error(meta):
+    with pytest.raises(EnvelopeError) as info:
+        decode_envelope(_with_meta(meta))
+    assert info.value.reason is Reason.BAD_FIELD and "metadata is not valid JSON" in str(info.value)

@@ -171,3 +171,37 @@ def test_round_windows_too_short_on_the_wall_are_warned_about(tmp_path, caplog):
     assert "checkin_window_s" in caplog.text
     for name in builtin_scenarios():
         assert load_scenario(name).timing_warnings() == []
+
+
+# -- found by bench/fuzz_campaign.py ---------------------------------------------------------------
+@pytest.mark.parametrize("data, match", [
+    (b"name = \"x\"\n\xff\xfe\n", "not UTF-8"),                      # was a UnicodeDecodeError
+    (b"deep = " + b"[" * 50_000 + b"]" * 50_000 + b"\n", "not valid TOML"),  # was a RecursionError
+    (b"seed = " + b"9" * 5000 + b"\n", "not valid TOML"),               # was a ValueError from int()
+])
+def test_files_that_break_tomllib_are_scenario_errors(tmp_path, data, match):
+    path = tmp_path / "s.toml"
+    path.write_bytes(data)
+    with pytest.raises(ScenarioError, match=match):
+        load_scenario(path)
+
+
+def test_an_integer_beyond_float_range_is_a_scenario_error_naming_the_key(tmp_path):
+    path = write(tmp_path, "[failures]\nupload_loss = " + "9" * 400 + "\n")
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path)
+    assert info.value.key == "failures.upload_loss" and "integer of" in str(info.value)
+
+
+def test_a_fleet_share_beyond_float_range_is_a_scenario_error(tmp_path):
+    path = write(tmp_path, "[fleet]\ncomposition = { phone = " + "9" * 400 + " }\n")
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path)
+    assert info.value.key == "fleet.composition.phone"
+
+
+def test_clients_per_round_beyond_float_range_is_a_scenario_error(tmp_path):
+    path = write(tmp_path, "[rounds]\nclients_per_round = " + "9" * 400 + "\n")
+    with pytest.raises(ScenarioError, match="rounds.clients_per_round = 9") as info:
+        load_scenario(path)
+    assert info.value.key == "fleet.devices"

@@ -332,3 +332,17 @@ def test_same_version_again_is_accepted_only_with_the_same_content():
     with pytest.raises(TrustError) as err:
         trust.accept(signed(3, b"xyz"), b"xyz")
     assert err.value.reason is Reason.OLD_VERSION
+
+
+# -- found by bench/fuzz_campaign.py ---------------------------------------------------------------
+def test_created_at_beyond_float_range_is_a_trust_error_not_an_overflow():
+    import json as _json
+
+    from protocol.errors import Reason, TrustError
+    from protocol.signing import ModelManifest
+
+    doc = {"fleet": "f", "model_id": "m", "version": 1, "weights_sha256": "0" * 64, "codec": "f32",
+           "payload_len": 4, "base_version": None, "created_at": 10**400, "extra": {}}
+    with pytest.raises(TrustError) as info:
+        ModelManifest.from_json(_json.dumps(doc))
+    assert info.value.reason is Reason.BAD_FIELD and "created_at" in str(info.value) and len(str(info.value)) < 200
