@@ -58,7 +58,10 @@ _BLOCK = 65536
 SPEC_HELP = (
     "stages separated by '|', wrappers first and exactly one aggregator last: "
     "'clip:MAX_NORM' (wrapper), 'mean' or 'mean:float32', 'trimmed:FRACTION[,MAX_UPDATES]', "
-    "'median[:MAX_UPDATES]'; e.g. 'mean', 'clip:10|mean', 'trimmed:0.1', 'clip:5|median:50'"
+    "'median[:MAX_UPDATES]'; 'normclip:median*K[,MAX_UPDATES]' (wrapper: clip to K times the round's "
+    "median norm); 'krum:f=F[,m=M][,MAX_UPDATES]' (wrapper: multi-Krum, keep the m (default n - f) "
+    "updates nearest their n - f - 2 neighbours); e.g. 'mean', 'clip:10|mean', 'trimmed:0.1', "
+    "'clip:5|median:50', 'normclip:median*2|mean', 'krum:f=2|mean'"
 )
 
 
@@ -913,6 +916,285 @@ class CoordinateMedian(_BufferingAggregator):
         return np.median(block, axis=1, overwrite_input=True)
 
 
+class MedianNormClip(_BufferingAggregator):
+    """Scales every update down to ``factor`` times the median L2 norm of the round's updates,
+    then hands them all to ``inner`` (a wrapper, e.g. ``"normclip:median*2|mean"``).
+
+    Why relative to the median: a fixed bound (`ClippedAggregator`) must be tuned to the honest
+    norms, which shrink as training converges and differ between models; the median norm of
+    the cohort tracks them by itself, and a minority of attackers (fewer than half the updates)
+    cannot move it. A scaled update then counts at most ``factor`` median-sized updates, while
+    honest updates, mostly below the bound, pass unchanged and keep their example-count weights
+    (unlike `TrimmedMean` and `CoordinateMedian`, which drop the weights).
+
+    The median is known only once the round's updates are in, so the updates are buffered
+    (``4 * dim`` bytes each, at most ``max_updates``) and fed to ``inner`` at `result()`.
+    `clipped_ids` says which updates the last `result()` scaled down.
+    """
+
+    kind = "normclip"
+
+    def __init__(self, inner: UpdateAggregator, factor: float,
+                 max_updates: int = DEFAULT_MAX_UPDATES) -> None:
+        super().__init__(max_updates)
+        if not isinstance(inner, UpdateAggregator):
+            raise ValueError(f"inner must be an UpdateAggregator, got {type(inner).__name__}")
+        factor = float(factor)
+        if not (math.isfinite(factor) and factor > 0.0):
+            raise ValueError(f"factor (times the median norm) must be finite and > 0, got {factor!r}")
+        self.inner = inner
+        self.factor = factor
+        self._norms: list[float] = []
+        self._clipped_ids: tuple[str, ...] = ()
+        self._bound = 0.0
+
+    @property
+    def spec(self) -> str:
+        return self._spec_with(self.max_updates)
+
+    def _spec_with(self, max_updates: int) -> str:
+        return f"normclip:median*{_fmt(self.factor)},{max_updates}|{self.inner.spec}"
+
+    def _config(self) -> dict[str, float]:
+        return {"factor": self.factor}
+
+    @property
+    def clipped_ids(self) -> tuple[str, ...]:
+        """Client ids of the updates the last `result()` scaled down."""
+        return self._clipped_ids
+
+    @property
+    def clipped_count(self) -> int:
+        return len(self._clipped_ids)
+
+    @property
+    def bound(self) -> float:
+        """The L2 bound the last `result()` clipped to (factor x median norm)."""
+        return self._bound
+
+    def reset(self, dim: int) -> None:
+        super().reset(dim)
+        self.inner.reset(self._require_dim())
+        self._norms = []
+        self._clipped_ids = ()
+        self._bound = 0.0
+
+    def add(self, delta: np.ndarray, weight: float, *, client_id: str = "") -> None:
+        self._check_update(delta, weight, client_id)
+        norm = l2_norm(np.asarray(delta, dtype=np.float32))
+        if not math.isfinite(norm):
+            raise ValueError(
+                f"update of client {client_id!r} has a non-finite norm: "
+                "reject non-finite updates at intake"
+            )
+        super().add(delta, weight, client_id=client_id)
+        self._norms.append(norm)
+
+    def result(self) -> np.ndarray:
+        dim = self._require_dim()
+        if self._n == 0:
+            raise EmptyAggregationError(
+                "no update was added this round: there is nothing to aggregate "
+                "(skip the model update, or wait for more clients)"
+            )
+        assert self._buf is not None
+        norms = np.array(self._norms, dtype=np.float64)
+        self._bound = self.factor * float(np.median(norms))
+        self.inner.reset(dim)
+        scaled = np.empty(dim, dtype=np.float32)
+        clipped: list[str] = []
+        for i in range(self._n):
+            row = self._buf[i]
+            if norms[i] > self._bound:
+                np.multiply(row, np.float32(self._bound / norms[i]), out=scaled)
+                row = scaled
+                clipped.append(self._ids[i])
+            self.inner.add(row, self._weights[i], client_id=self._ids[i])
+        self._clipped_ids = tuple(clipped)
+        if clipped:
+            logger.debug("normclip: %d of %d updates scaled down to %.4g", len(clipped), self._n, self._bound)
+        return self.inner.result()
+
+    def _statistic(self, block: np.ndarray) -> np.ndarray:
+        raise AssertionError("MedianNormClip overrides result(); no per-coordinate statistic")
+
+    def load_state(self, state: Mapping[str, StateValue]) -> None:
+        saved_inner = _as_str(state, "spec").split("|", 1)[-1]
+        if saved_inner != self.inner.spec:
+            raise ValueError(
+                f"checkpoint was made by {_as_str(state, 'spec')!r}, this aggregator is {self.spec!r}: "
+                "build it from the checkpoint's spec"
+            )
+        super().load_state(state)
+        assert self._buf is not None or self._n == 0
+        self._norms = [l2_norm(self._buf[i]) for i in range(self._n)] if self._buf is not None else []
+        self._clipped_ids = ()
+        self.inner.reset(self._require_dim())
+
+
+class MultiKrum(_BufferingAggregator):
+    """Multi-Krum (Blanchard et al. 2017): keeps the ``m`` updates closest to their neighbours,
+    drops the rest, and hands the kept ones, with their example-count weights, to ``inner``
+    (a wrapper, e.g. ``"krum:f=2|mean"``).
+
+    Score of an update = sum of squared L2 distances to its ``n - f - 2`` nearest other
+    updates; the ``m`` (default ``n - f``) lowest scores are kept. Why, beside `MedianNormClip`:
+    a sign-flipped update with an honest norm passes any norm bound, but it lies far from the
+    honest cluster, so its score is high and it is dropped whatever its norm. The price: up to
+    ``f`` honest updates a round are dropped even when nobody attacks, and the guarantee needs
+    ``n > 2f + 2`` (fewer updates still aggregate, with a warning, on ``max(1, n - f - 2)``
+    neighbours).
+
+    Updates are buffered (``4 * dim`` bytes each, at most ``max_updates``) and fed to ``inner``
+    at `result()`, in arrival order; ties in score keep the earlier update. Pairwise distances
+    are accumulated block by block in float64 (a Gram matrix per block), so the temporaries
+    stay a few MB whatever the model size. `selected_ids` / `dropped_ids` / `scores` describe
+    the last `result()`.
+    """
+
+    kind = "krum"
+
+    def __init__(self, inner: UpdateAggregator, f: int, m: int | None = None,
+                 max_updates: int = DEFAULT_MAX_UPDATES) -> None:
+        super().__init__(max_updates)
+        if not isinstance(inner, UpdateAggregator):
+            raise ValueError(f"inner must be an UpdateAggregator, got {type(inner).__name__}")
+        if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 0:
+            raise ValueError(f"f (the number of Byzantine updates to tolerate) must be an int >= 0, got {f!r}")
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1):
+            raise ValueError(f"m (how many updates to keep) must be an int >= 1 or None (n - f), got {m!r}")
+        self.inner = inner
+        self.f = int(f)
+        self.m = None if m is None else int(m)
+        self._selected_ids: tuple[str, ...] = ()
+        self._dropped_ids: tuple[str, ...] = ()
+        self._scores: dict[str, float] = {}
+
+    @property
+    def spec(self) -> str:
+        return self._spec_with(self.max_updates)
+
+    def _spec_with(self, max_updates: int) -> str:
+        keep = "" if self.m is None else f",m={self.m}"
+        return f"krum:f={self.f}{keep},{max_updates}|{self.inner.spec}"
+
+    def _config(self) -> dict[str, float]:
+        return {"f": float(self.f), "m": float(-1 if self.m is None else self.m)}
+
+    @property
+    def selected_ids(self) -> tuple[str, ...]:
+        """Client ids the last `result()` passed to the inner aggregator, in arrival order."""
+        return self._selected_ids
+
+    @property
+    def dropped_ids(self) -> tuple[str, ...]:
+        """Client ids the last `result()` dropped as outliers, in arrival order."""
+        return self._dropped_ids
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """Krum score of every update of the last `result()`, by client id (higher = farther)."""
+        return dict(self._scores)
+
+    @property
+    def clipped_ids(self) -> tuple[str, ...]:
+        """Ids an inner clipping stage scaled down (e.g. ``krum:f=2|normclip:median*2|mean``)."""
+        return tuple(getattr(self.inner, "clipped_ids", ()))
+
+    def neighbours(self, n: int) -> int:
+        """How many nearest neighbours make up the score of each of n updates."""
+        return max(0, min(n - 1, max(1, n - self.f - 2)))
+
+    def kept(self, n: int) -> int:
+        """How many of n updates are kept."""
+        return max(1, min(n, n - self.f if self.m is None else self.m))
+
+    def reset(self, dim: int) -> None:
+        super().reset(dim)
+        self.inner.reset(self._require_dim())
+        self._selected_ids = ()
+        self._dropped_ids = ()
+        self._scores = {}
+
+    def add(self, delta: np.ndarray, weight: float, *, client_id: str = "") -> None:
+        self._check_update(delta, weight, client_id)
+        if not math.isfinite(l2_norm(np.asarray(delta, dtype=np.float32))):
+            raise ValueError(
+                f"update of client {client_id!r} has a non-finite norm: "
+                "reject non-finite updates at intake"
+            )
+        super().add(delta, weight, client_id=client_id)
+
+    def pairwise_sq_distances(self) -> np.ndarray:
+        """(n, n) float64 squared L2 distances between the buffered updates."""
+        self._require_dim()
+        n = self._n
+        if n == 0 or self._buf is None:
+            return np.zeros((0, 0), dtype=np.float64)
+        rows = self._buf[:n]
+        gram = np.zeros((n, n), dtype=np.float64)
+        step = max(1, _BLOCK // 4)
+        for start in range(0, rows.shape[1], step):
+            block = rows[:, start : start + step].astype(np.float64)
+            gram += block @ block.T
+        sq = np.diag(gram)
+        dist = sq[:, None] + sq[None, :] - 2.0 * gram
+        np.maximum(dist, 0.0, out=dist)  # rounding may leave tiny negatives
+        np.fill_diagonal(dist, 0.0)
+        return dist
+
+    def krum_scores(self) -> np.ndarray:
+        """Score of each buffered update: sum of squared distances to its nearest neighbours."""
+        n = self._n
+        dist = self.pairwise_sq_distances()
+        k = self.neighbours(n)
+        if n == 0 or k == 0:
+            return np.zeros(n, dtype=np.float64)
+        others = np.sort(dist + np.diag(np.full(n, np.inf)), axis=1)[:, :k]  # self excluded
+        return others.sum(axis=1)
+
+    def result(self) -> np.ndarray:
+        dim = self._require_dim()
+        if self._n == 0:
+            raise EmptyAggregationError(
+                "no update was added this round: there is nothing to aggregate "
+                "(skip the model update, or wait for more clients)"
+            )
+        assert self._buf is not None
+        n = self._n
+        if n <= 2 * self.f + 2:
+            logger.warning("krum: %d updates for f=%d; its guarantee needs more than 2f + 2 = %d",
+                           n, self.f, 2 * self.f + 2)
+        scores = self.krum_scores()
+        keep = np.sort(np.argsort(scores, kind="stable")[: self.kept(n)])
+        chosen = set(keep.tolist())
+        self.inner.reset(dim)
+        for i in keep:
+            self.inner.add(self._buf[i], self._weights[i], client_id=self._ids[i])
+        self._selected_ids = tuple(self._ids[i] for i in keep)
+        self._dropped_ids = tuple(self._ids[i] for i in range(n) if i not in chosen)
+        self._scores = {self._ids[i]: float(scores[i]) for i in range(n)}
+        if self._dropped_ids:
+            logger.debug("krum: dropped %d of %d updates: %s", len(self._dropped_ids), n, self._dropped_ids)
+        return self.inner.result()
+
+    def _statistic(self, block: np.ndarray) -> np.ndarray:
+        raise AssertionError("MultiKrum overrides result(); no per-coordinate statistic")
+
+    def load_state(self, state: Mapping[str, StateValue]) -> None:
+        saved_inner = _as_str(state, "spec").split("|", 1)[-1]
+        if saved_inner != self.inner.spec:
+            raise ValueError(
+                f"checkpoint was made by {_as_str(state, 'spec')!r}, this aggregator is {self.spec!r}: "
+                "build it from the checkpoint's spec"
+            )
+        super().load_state(state)
+        self._selected_ids = ()
+        self._dropped_ids = ()
+        self._scores = {}
+        self.inner.reset(self._require_dim())
+
+
 # --------------------------------------------------------------------------------------
 # Specs
 # --------------------------------------------------------------------------------------
@@ -921,8 +1203,9 @@ class CoordinateMedian(_BufferingAggregator):
 def make_aggregator(spec: str) -> UpdateAggregator:
     """Build an aggregator from a short spec, e.g. ``"clip:10|mean"`` (see `SPEC_HELP`).
 
-    Stages are applied left to right to each update: wrappers (``clip``) first, then exactly
-    one aggregator (``mean``, ``trimmed``, ``median``) last. Raises ValueError naming the
+    Stages are applied left to right to each update: wrappers (``clip``, ``normclip``,
+    ``krum``) first, in any order and number, then exactly one aggregator (``mean``,
+    ``trimmed``, ``median``) last. Raises ValueError naming the
     stage that is wrong and what was expected.
     """
     if not isinstance(spec, str) or not spec.strip():
@@ -933,7 +1216,8 @@ def make_aggregator(spec: str) -> UpdateAggregator:
             f"bad aggregator spec {spec!r}: empty stage (two '|' in a row, or a '|' at an end). "
             f"{SPEC_HELP}"
         )
-    wrappers: list[float] = []
+    # Each wrapper stage becomes a function that wraps the aggregator built from the stages after it.
+    wrappers: list[Callable[[UpdateAggregator], UpdateAggregator]] = []
     for position, stage in enumerate(stages):
         name, _, arg_text = stage.partition(":")
         name = name.strip()
@@ -945,6 +1229,18 @@ def make_aggregator(spec: str) -> UpdateAggregator:
                 f"bad aggregator spec {spec!r}, stage {stage!r}: {problem}. {SPEC_HELP}"
             )
 
+        if name == "normclip":
+            if last:
+                raise fail("'normclip' wraps an aggregator and cannot be the last stage; add e.g. '|mean'")
+            factor, max_updates = _median_factor(args, fail)
+            wrappers.append(lambda inner, k=factor, cap=max_updates: MedianNormClip(inner, k, cap))
+            continue
+        if name == "krum":
+            if last:
+                raise fail("'krum' wraps an aggregator and cannot be the last stage; add e.g. '|mean'")
+            f, m, max_updates = _krum_args(args, fail)
+            wrappers.append(lambda inner, f=f, m=m, cap=max_updates: MultiKrum(inner, f, m, cap))
+            continue
         if name == "clip":
             if last:
                 raise fail(
@@ -952,15 +1248,16 @@ def make_aggregator(spec: str) -> UpdateAggregator:
                 )
             if len(args) != 1:
                 raise fail("'clip' takes exactly one argument, the L2 bound, e.g. 'clip:10'")
-            wrappers.append(_positive_float(args[0], "clip max_norm", fail))
+            bound = _positive_float(args[0], "clip max_norm", fail)
+            wrappers.append(lambda inner, c=bound: ClippedAggregator(inner, c))
             continue
         if name not in ("mean", "trimmed", "median"):
-            raise fail(f"unknown stage {name!r}; known: clip, mean, trimmed, median")
+            raise fail(f"unknown stage {name!r}; known: clip, normclip, krum, mean, trimmed, median")
         if not last:
             raise fail(f"{name!r} is an aggregator and must be the last stage")
         agg = _terminal(name, args, fail)
-        for max_norm in reversed(wrappers):
-            agg = ClippedAggregator(agg, max_norm)
+        for wrap in reversed(wrappers):
+            agg = wrap(agg)
         return agg
     raise AssertionError("unreachable")  # the loop always returns or raises on the last stage
 
@@ -995,6 +1292,47 @@ def _terminal(name: str, args: list[str], fail: Callable[[str], ValueError]) -> 
     return CoordinateMedian(max_updates)
 
 
+def _median_factor(args: list[str], fail: Callable[[str], ValueError]) -> tuple[float, int]:
+    """'normclip:median*K[,MAX_UPDATES]' (or 'normclip:K') -> (K, max_updates)."""
+    if len(args) not in (1, 2):
+        raise fail("'normclip' takes the bound as a multiple of the median norm and optionally "
+                   "max_updates, e.g. 'normclip:median*2' or 'normclip:median*2,50'")
+    text = args[0].replace(" ", "")
+    if text.startswith("median*"):
+        text = text[len("median*"):]
+    factor = _positive_float(text, "normclip factor", fail)
+    max_updates = _positive_int(args[1], "max_updates", fail) if len(args) == 2 else DEFAULT_MAX_UPDATES
+    return factor, max_updates
+
+
+def _krum_args(args: list[str], fail: Callable[[str], ValueError]) -> tuple[int, int | None, int]:
+    """'krum:f=F[,m=M][,MAX_UPDATES]' -> (f, m or None, max_updates)."""
+    usage = ("'krum' takes f=F (Byzantine updates to tolerate), optionally m=M (updates to keep, "
+             "default n - f) and max_updates, e.g. 'krum:f=2' or 'krum:f=2,m=15,50'")
+    f: int | None = None
+    m: int | None = None
+    max_updates = DEFAULT_MAX_UPDATES
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq:
+            max_updates = _positive_int(key, "max_updates", fail)
+        elif key == "f":
+            try:
+                f = int(value)
+            except ValueError:
+                raise fail(f"krum f {value!r} is not an integer") from None
+            if f < 0:
+                raise fail(f"krum f must be >= 0, got {value}")
+        elif key == "m":
+            m = _positive_int(value, "krum m", fail)
+        else:
+            raise fail(f"unknown krum argument {key!r}; {usage}")
+    if f is None:
+        raise fail(usage)
+    return f, m, max_updates
+
+
 def _positive_float(text: str, what: str, fail: Callable[[str], ValueError]) -> float:
     try:
         value = float(text)
@@ -1024,6 +1362,8 @@ __all__ = [
     "DecodeInto",
     "DuplicateUpdateError",
     "EmptyAggregationError",
+    "MedianNormClip",
+    "MultiKrum",
     "PoisonedAggregatorError",
     "SPEC_HELP",
     "State",

@@ -1,8 +1,9 @@
 """`fedboard broker-config`: a Mosquitto set-up for one fleet: config, passwords, ACL.
 
 The ACL is what keeps a fleet honest: a device (its broker username is its device id) may
-write only its own `checkin`, `update` and `status` topics and read the fleet's `model/...`
-and `round/...` and its own `assign` and `ack`; so one device can neither forge another's
+write only its own `checkin`, `update`, `status` and `secagg/up` topics and read the fleet's
+`model/...`, `round/...`, `secagg/roster`, `secagg/unmask` and its own `assign`, `ack` and
+`secagg/down`; so one device can neither forge another's
 update nor read another's acknowledgements. The aggregator's user may read and write
 everything under its fleet (its scale-out workers share that user, with their own client ids).
 
@@ -67,6 +68,12 @@ def render_acl(fleet: str, aggregator_user: str = "aggregator") -> str:
         f"pattern read {root}/ack/%u",
         f"pattern read {root}/model/#",
         f"pattern read {root}/round/#",
+        "# Secure aggregation: a device writes only its own secagg/up, reads its own ShareBundle and",
+        "# the fleet's retained roster and unmask request (never another device's bundle).",
+        f"pattern write {root}/secagg/up/%u",
+        f"pattern read {root}/secagg/down/%u",
+        f"pattern read {root}/secagg/roster",
+        f"pattern read {root}/secagg/unmask",
         "",
     ])
 

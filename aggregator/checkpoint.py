@@ -13,9 +13,21 @@ Two files, because they change at different rates:
 Every write goes to a temporary file in the same directory, is fsynced, and replaces the old
 file with an atomic rename (then the directory is fsynced): a crash or a full disk leaves
 the last good checkpoint in place. A lock file stops two aggregators sharing a directory.
+
+`ledger.jsonl` is the append-only record an operator (or the fault soak) audits: one
+`accepted` line per update once the round checkpoint holds it (round, device, sha256 of the
+update message) and one `round_end` line per round (round, version, committed, participants).
+It is written after the checkpoint it describes, so a crash in between leaves it one step
+behind; `reconcile_*` on the next start appends what the checkpoints prove happened, and
+every line is keyed ((round, device) or round), so nothing is ever written twice.
+
+`FEDBOARD_CHECKPOINT_FAULT_FILE` (tests and `bench/soak_faults.py` only): while the file it
+names exists, every checkpoint write fails with ENOSPC, as on a full disk, for machines where
+a small tmpfs cannot be mounted.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -34,6 +46,8 @@ MODEL_FILE = "model.npz"
 ROUND_FILE = "round.npz"
 INT8_FILE = "int8.fbm"
 LOCK_FILE = "lock"
+LEDGER_FILE = "ledger.jsonl"
+FAULT_ENV = "FEDBOARD_CHECKPOINT_FAULT_FILE"
 
 
 class CheckpointError(RuntimeError):
@@ -49,9 +63,17 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _injected_full_disk() -> None:
+    """Raise ENOSPC while the bench's fault file exists (see the module docstring)."""
+    flag = os.environ.get(FAULT_ENV)
+    if flag and os.path.exists(flag):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected by " + FAULT_ENV + ")")
+
+
 def _atomic_write(path: Path, write: Any) -> int:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        _injected_full_disk()
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
@@ -183,6 +205,7 @@ class CheckpointStore:
                                   "checkpoint directory (scale-out workers need none)") from None
         self.bytes_written = 0
         self.writes = 0
+        self._ledger: Ledger | None = None
 
     def close(self) -> None:
         if self._lock_fd >= 0:
@@ -214,9 +237,125 @@ class CheckpointStore:
     def load_round(self) -> RoundCheckpoint | None:
         return RoundCheckpoint.from_arrays(load_npz(self.round_path)) if self.round_path.exists() else None
 
+    @property
+    def ledger(self) -> "Ledger":
+        if self._ledger is None:
+            self._ledger = Ledger(self.directory / LEDGER_FILE)
+        return self._ledger
+
     def save_int8(self, envelope: bytes) -> None:
         self._count(atomic_write_bytes(self.directory / INT8_FILE, envelope))
 
     def load_int8(self) -> bytes | None:
         path = self.directory / INT8_FILE
         return path.read_bytes() if path.exists() else None
+
+
+# -- the audit ledger ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RoundEnd:
+    """How a round ended, as the ledger and the model checkpoint record it."""
+
+    round: int
+    version: int
+    committed: bool
+    participants: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "version": self.version, "committed": self.committed,
+                "participants": self.participants}
+
+
+@dataclass
+class LedgerContents:
+    """What `read_ledger` found: accepted (round, device) -> sha256, and the round ends in order."""
+
+    accepted: dict[tuple[int, str], str] = field(default_factory=dict)
+    ends: list[RoundEnd] = field(default_factory=list)
+    repeated: list[tuple[int, str]] = field(default_factory=list)   # keys seen more than once (a bug)
+    torn_lines: int = 0
+
+
+def read_ledger(path: str | Path) -> LedgerContents:
+    """Parse a ledger; a torn last line (crash mid-append) is counted, not fatal."""
+    out = LedgerContents()
+    path = Path(path)
+    if not path.exists():
+        return out
+    seen_ends: set[int] = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            kind = item["event"]
+        except (ValueError, KeyError, TypeError):
+            out.torn_lines += 1
+            continue
+        if kind == "accepted":
+            key = (int(item["round"]), str(item["device"]))
+            if key in out.accepted:
+                out.repeated.append(key)
+            out.accepted[key] = str(item["sha256"])
+        elif kind == "round_end":
+            end = RoundEnd(int(item["round"]), int(item["version"]), bool(item["committed"]),
+                           int(item["participants"]))
+            if end.round in seen_ends:
+                out.repeated.append((end.round, "round_end"))
+            seen_ends.add(end.round)
+            out.ends.append(end)
+    return out
+
+
+class Ledger:
+    """Append-only JSON lines: `accepted` and `round_end` events, each written at most once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        contents = read_ledger(self.path)
+        self._accepted = set(contents.accepted)
+        self._ended = {end.round for end in contents.ends}
+        if contents.torn_lines:
+            log.warning("ledger %s: ignoring %d torn line(s) from an interrupted append", self.path,
+                        contents.torn_lines)
+            self._rewrite_without_torn_lines()
+
+    def _rewrite_without_torn_lines(self) -> None:
+        good = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                json.loads(line)
+                good.append(line)
+            except ValueError:
+                continue
+        atomic_write_bytes(self.path, ("\n".join(good) + "\n").encode() if good else b"")
+
+    def _append(self, items: list[dict[str, Any]]) -> None:
+        if not items:
+            return
+        data = "".join(json.dumps(item, sort_keys=True) + "\n" for item in items).encode()
+        try:
+            _injected_full_disk()
+            with open(self.path, "ab") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise CheckpointError(f"could not append to the ledger {self.path}: {exc.strerror or exc}; free disk "
+                                  "space, then restart the aggregator (the checkpoints are intact and the "
+                                  "ledger is completed from them)") from exc
+
+    def record_accepted(self, round_id: int, accepted_sha256: Mapping[str, str]) -> int:
+        """Append the updates of `round_id` not yet in the ledger; returns how many."""
+        new = [(round_id, device) for device in sorted(accepted_sha256) if (round_id, device) not in self._accepted]
+        self._append([{"event": "accepted", "round": r, "device": d, "sha256": accepted_sha256[d]} for r, d in new])
+        self._accepted.update(new)
+        return len(new)
+
+    def record_round_end(self, end: RoundEnd) -> bool:
+        """Append the end of a round unless it is there already; True if written."""
+        if end.round in self._ended:
+            return False
+        self._append([{"event": "round_end", **end.to_dict()}])
+        self._ended.add(end.round)
+        return True

@@ -40,7 +40,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SERVICE_KEYS = ("bundle", "key", "rounds", "eval_corpus", "eval_format", "client_id", "worker")
+SERVICE_KEYS = ("bundle", "key", "rounds", "until_round", "eval_corpus", "eval_format", "client_id", "worker")
 PATH_KEYS = ("bundle", "key", "checkpoint_dir", "metrics_jsonl", "eval_corpus")
 BROKER_PATH_KEYS = ("password_file", "tls_ca", "tls_cert", "tls_key")
 
@@ -65,6 +65,8 @@ def _register_aggregator(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bundle", type=Path, help="training bundle file (.fbz) from `fedboard export-bundle`")
     p.add_argument("--key", type=Path, help="the aggregator's Ed25519 private key from `fedboard keygen`")
     p.add_argument("--rounds", type=int, help="stop after N rounds (default 0 = until SIGTERM)")
+    p.add_argument("--until-round", type=int, help="stop once round N has ended, counting rounds of earlier runs "
+                   "from the checkpoint (a restarted aggregator does not start the count again)")
     p.add_argument("--eval-corpus", help="held-out evaluation on this corpus's test split (with --eval-every N)")
     p.add_argument("--eval-format", help="format of --eval-corpus (default: guessed)")
     p.add_argument("--client-id", help="MQTT client id (default aggregator-FLEET; keep it stable across restarts)")
@@ -98,6 +100,7 @@ class ServiceConfig:
     bundle: Path
     key: Path | None
     rounds: int = 0
+    until_round: int = 0
     eval_corpus: str | None = None
     eval_format: str | None = None
     client_id: str | None = None
@@ -105,7 +108,7 @@ class ServiceConfig:
 
 
 def load_service_config(args: argparse.Namespace) -> ServiceConfig:
-    from aggregator.config import AggregatorConfig
+    from aggregator.config import AggregatorConfig, check_field_types
     from protocol.transport import MqttSettings
 
     table: dict[str, Any] = {}
@@ -117,9 +120,16 @@ def load_service_config(args: argparse.Namespace) -> ServiceConfig:
             raise FileNotFoundError(f"config file {args.config} not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{args.config} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{args.config} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except (ValueError, RecursionError) as exc:  # tomllib: a 4,300+ digit integer, arrays nested too deep
+            raise ValueError(f"{args.config} is not valid TOML: {str(exc)[:200]}") from None
         unknown = sorted(set(data) - {"aggregator", "broker"})
         if unknown:
             raise ValueError(f"{args.config}: unknown table(s) {unknown}; expected [aggregator] and [broker]")
+        for name in ("aggregator", "broker"):
+            if not isinstance(data.get(name, {}), dict):
+                raise ValueError(f"{args.config}: {name} must be a table [{name}], not a plain key")
         base = Path(args.config).resolve().parent
         table = dict(data.get("aggregator", {}))
         broker = dict(data.get("broker", {}))
@@ -154,6 +164,7 @@ def load_service_config(args: argparse.Namespace) -> ServiceConfig:
     unknown = sorted(set(table) - names)
     if unknown:
         raise ValueError(f"unknown [aggregator] setting(s) {unknown}; see `fedboard aggregator --help`")
+    check_field_types(ServiceConfig, service, "[aggregator]")
     config = AggregatorConfig(**table)
     password_file = broker.pop("password_file", None)
     if password_file is not None:
@@ -165,6 +176,7 @@ def load_service_config(args: argparse.Namespace) -> ServiceConfig:
     unknown = sorted(set(broker) - mqtt_names)
     if unknown:
         raise ValueError(f"unknown [broker] setting(s) {unknown}; known: {sorted(mqtt_names | {'password_file'})}")
+    check_field_types(MqttSettings, broker, "[broker]")
     mqtt = MqttSettings(**broker)
     if "bundle" not in service:
         raise ValueError("no training bundle: pass --bundle FILE (see `fedboard export-bundle`) or set "
@@ -173,6 +185,7 @@ def load_service_config(args: argparse.Namespace) -> ServiceConfig:
         raise ValueError("no signing key: pass --key FILE (see `fedboard keygen`) or set [aggregator] key")
     return ServiceConfig(config=config, mqtt=mqtt, bundle=Path(service["bundle"]),
                          key=Path(service["key"]) if "key" in service else None, rounds=int(service.get("rounds", 0)),
+                         until_round=int(service.get("until_round", 0)),
                          eval_corpus=service.get("eval_corpus"), eval_format=service.get("eval_format"),
                          client_id=service.get("client_id"), worker=service.get("worker"))
 
@@ -221,6 +234,9 @@ def _run_aggregator(service: ServiceConfig, bundle: Any) -> int:
         log.info("aggregator of fleet %s running: model %s v%d, %s", service.config.fleet, bundle.model_id,
                  agg.version, f"{service.rounds} round(s)" if service.rounds else "until SIGTERM")
         while not stop.is_set() and (not service.rounds or done < service.rounds):
+            if service.until_round and agg.round_id >= service.until_round and not agg.round_in_progress:
+                log.info("round %d has ended: stopping (--until-round)", agg.round_id)
+                break
             result = agg.run_round()
             done += 1
             print(f"round {result.round}: {'committed v%d' % result.version if result.committed else 'abandoned'} "
@@ -353,17 +369,9 @@ def export_bundle_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (tests, and a server without the full CLI): `python -m aggregator.commands`."""
-    parser = argparse.ArgumentParser(prog="fedboard")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return args.handler(args)
-    except (ValueError, FileNotFoundError, ConnectionError, TimeoutError) as exc:
-        print(f"fedboard {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    from protocol.cli_entry import run_commands
+
+    return run_commands(register, argv)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,92 @@ observable parts (checkpoint_dir, metrics_port, metrics_jsonl) and usually the r
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
+import reprlib
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
 
 from aggregator.dp import make_any_aggregator
 from aggregator.server_optimizers import make_server_optimizer
 from protocol.codec import parse_codec
 from protocol.envelope import DEFAULT_MAX_PAYLOAD
+from protocol.errors import CodecError
 from protocol.topics import check_id
+
+
+def check_field_types(cls: type, values: Mapping[str, Any], where: str) -> None:
+    """ValueError naming the key when a value has a type the dataclass field does not take.
+
+    A TOML file can put any type under any key; without this check a string where a number
+    belongs would surface as a TypeError from deep inside a range check, naming nothing.
+    Keys that are not fields of `cls` are left to the caller's unknown-key check.
+    """
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        hint = hints.get(key)
+        if hint is not None and not _has_type(value, hint):
+            raise ValueError(f"{where} {key}: expected {_type_name(hint)}, got {_short(value)}")
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:  # numbers.Integral: numpy integers are fine too
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return False
+        try:
+            float(value)
+        except OverflowError:
+            return False
+        return True
+    if hint is str:
+        return isinstance(value, str)
+    if isinstance(hint, type) and issubclass(hint, PurePath):
+        return isinstance(value, (str, PurePath))
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(hint))
+    if isinstance(hint, type) and issubclass(hint, PurePath):
+        return "a path (string)"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "none"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        return reprlib.repr(value)
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__}"
+
+
+def _named_codec(key: str, spec: str) -> Any:
+    """parse_codec, with the setting's name in front of what is wrong."""
+    try:
+        return parse_codec(spec)
+    except CodecError as exc:
+        raise CodecError(exc.reason, f"{key}: {exc.detail}") from None
+
+
+# Grid range of secure aggregation when devices do not clip: wide enough that local SGD deltas
+# (lr 5, per-step clip 5) are not cut, while 32 bits and 20 devices still give a step of 1.5e-7.
+DEFAULT_SECAGG_RANGE = 16.0
 
 
 @dataclass(frozen=True)
@@ -40,7 +118,7 @@ class AggregatorConfig:
     client_clip: float = 5.0             # devices clip each step's gradient to this global L2 norm (0 = off)
     max_steps: int = 0
     # -- intake and aggregation -----------------------------------------------------------------
-    aggregation: str = "mean"            # clip:C|mean, trimmed:F, median, dp:clip=C,noise=Z,expected=N (DP-FedAvg)
+    aggregation: str = "mean"            # clip:C|mean, normclip:median*K|mean, trimmed:F, median, dp:clip=C,noise=Z,expected=N (DP-FedAvg)
     dp_delta: float = 1e-5               # delta at which DP-FedAvg's epsilon is reported
     server_optimizer: str = "fedavg"
     server_lr: float = 1.0
@@ -49,6 +127,13 @@ class AggregatorConfig:
     max_payload: int = DEFAULT_MAX_PAYLOAD
     intake_buffer_mb: int = 32           # received, not yet processed messages held in memory
     seed: int = 0
+    # -- secure aggregation (aggregator/PRIVACY.md, aggregator/secure_round.py) ---------------
+    secure_aggregation: bool = False     # the aggregator learns only the sum of the cohort's updates
+    secagg_bits: int = 32                # ring 2^bits: 32 = finer grid, 16 = half the bytes
+    secagg_value_range: float = 0.0      # per-coordinate bound of the grid; 0 = update_clip, else 16
+    secagg_phase_s: float = 30.0         # deadline of each key / unmask phase (masking has report_deadline_s)
+    update_clip: float = 0.0             # devices clip their whole update to this L2 norm; 0 = none (DP: its clip)
+    secagg_weighted: bool = True         # weigh by example count inside the secure sum (mean only; DP weighs 1)
     # -- publishing ------------------------------------------------------------------------------
     downlink: str = "f32"                # codec of the full global model
     downlink_delta: str = ""             # codec of the delta downlink ("" = off), e.g. "q8" or "f16|zstd"
@@ -68,6 +153,8 @@ class AggregatorConfig:
     worker_timeout_s: float = 30.0       # how long the coordinator waits for partial sums
 
     def __post_init__(self) -> None:
+        check_field_types(AggregatorConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                          "aggregator setting")
         check_id("fleet", self.fleet)
         check_id("share group", self.share_group)
         if self.clients_per_round < 1:
@@ -94,22 +181,75 @@ class AggregatorConfig:
             raise ValueError(f"metrics_port {self.metrics_port} is not in 0..65535 (0 = off)")
         if not self.mu >= 0:
             raise ValueError(f"mu (FedProx) must be >= 0, got {self.mu}")
-        parse_codec(self.codec)
-        full = parse_codec(self.downlink)
+        _named_codec("codec", self.codec)
+        full = _named_codec("downlink", self.downlink)
         if self.downlink_delta:
-            parse_codec(self.downlink_delta)
+            _named_codec("downlink_delta", self.downlink_delta)
             if not full.is_lossless:
                 raise ValueError(
                     f"downlink {self.downlink!r} is lossy, and a delta downlink needs a lossless full model "
                     "(devices on either path must end up with the same weights): use downlink 'f32' or "
                     "'f32|zstd' and put the compression in downlink_delta")
         make_any_aggregator(self.aggregation)
-        self.make_server_optimizer()
+        try:
+            self.make_server_optimizer()
+        except ValueError as exc:  # say which settings, not only what the optimizer refused
+            raise ValueError(f"server_optimizer {self.server_optimizer!r} with server_lr {self.server_lr} and "
+                             f"server_options {self.server_options!r}: {exc}") from None
+        if self.secure_aggregation:
+            self._check_secure_aggregation()
         if self.workers and not self.aggregation.split("|")[-1].strip().startswith("mean"):
             raise ValueError(f"scale-out (workers > 0) combines partial sums, so it needs a mean-type "
                              f"aggregation ('mean', 'clip:C|mean'), not {self.aggregation!r}")
 
+    def _check_secure_aggregation(self) -> None:
+        from aggregator.dp import DPFedAvgAggregator, is_dp_spec
+
+        if not 2 <= self.secagg_bits <= 32:
+            raise ValueError(f"secagg_bits must be in 2..32 (32 or 16 are sensible), got {self.secagg_bits}")
+        if not (math.isfinite(self.secagg_value_range) and self.secagg_value_range >= 0):
+            raise ValueError(f"secagg_value_range must be >= 0 (0 = update_clip), got {self.secagg_value_range}")
+        if not (math.isfinite(self.update_clip) and self.update_clip >= 0):
+            raise ValueError(f"update_clip must be >= 0 (0 = none), got {self.update_clip}")
+        if not self.secagg_phase_s > 0:
+            raise ValueError(f"secagg_phase_s must be > 0, got {self.secagg_phase_s}")
+        if self.workers:
+            raise ValueError("secure aggregation keeps one masked sum in one process: it cannot run with "
+                             "scale-out workers (workers = 0)")
+        if is_dp_spec(self.aggregation):
+            agg = make_any_aggregator(self.aggregation)
+            assert isinstance(agg, DPFedAvgAggregator)
+            if agg.config.adaptive:
+                raise ValueError("adaptive DP clipping under secure aggregation needs the clipped-count bit in "
+                                 "the secure sum, which is not wired: use a fixed clip")
+        elif self.aggregation.strip() != "mean":
+            raise ValueError(f"secure aggregation yields only the sum of the updates, so aggregation must be "
+                             f"'mean' or a DP-FedAvg spec ('dp:...'), not {self.aggregation!r} (no server-side "
+                             "clipping, trimming or median without individual updates)")
+
     # -- derived -------------------------------------------------------------------------------
+    def secure_clip(self) -> float:
+        """The L2 bound devices clip to under secure aggregation: update_clip, else the DP clip."""
+        if self.update_clip:
+            return self.update_clip
+        from aggregator.dp import DPFedAvgAggregator, is_dp_spec
+
+        if is_dp_spec(self.aggregation):
+            agg = make_any_aggregator(self.aggregation)
+            if isinstance(agg, DPFedAvgAggregator):
+                return float(agg.clip)
+        return 0.0
+
+    def secure_weighted(self) -> bool:
+        """Example-weighted secure mean: devices add (n x update, n); DP-FedAvg needs weights of 1."""
+        from aggregator.dp import is_dp_spec
+
+        return self.secure_aggregation and self.secagg_weighted and not is_dp_spec(self.aggregation)
+
+    def secure_value_range(self) -> float:
+        """Per-coordinate range of the secure-sum grid: a clipped update has no coordinate beyond its clip."""
+        return self.secagg_value_range or self.secure_clip() or DEFAULT_SECAGG_RANGE
+
     def cohort_size(self, available: int) -> int:
         """How many of `available` checked-in devices are selected (over-selection included)."""
         want = math.ceil(self.clients_per_round * self.over_selection - 1e-9)

@@ -26,10 +26,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import dp_accounting
-from dp_accounting import pld, rdp
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 logger = logging.getLogger(__name__)
+# dp-accounting's RDP code warns (through absl) for every low order whose series does not
+# converge and is left out of the bound: dozens of lines per call, nothing the user can act on.
+logging.getLogger("absl").setLevel(logging.ERROR)
 
 ACCOUNTANTS = ("rdp", "pld")
 
@@ -61,14 +66,25 @@ def sampling_probability(cohort: int, population: int) -> float:
     return cohort / population
 
 
-def round_event(noise_multiplier: float, sampling_probability: float, rounds: int = 1) -> dp_accounting.DpEvent:
+def _dp_accounting():
+    """dp-accounting pulls scipy: about 1 s of CPU, paid only by a run that uses DP, not by every
+    aggregator start (a restart after a crash should be quick)."""
+    import dp_accounting
+
+    return dp_accounting
+
+
+def round_event(noise_multiplier: float, sampling_probability: float, rounds: int = 1) -> "dp_accounting.DpEvent":
+    dp_accounting = _dp_accounting()
     """The DpEvent of ``rounds`` DP-FedAvg rounds: a Poisson-subsampled Gaussian, self-composed."""
     event = dp_accounting.PoissonSampledDpEvent(_check_probability(sampling_probability),
                                                 dp_accounting.GaussianDpEvent(float(noise_multiplier)))
     return dp_accounting.SelfComposedDpEvent(event, int(rounds))
 
 
-def _fresh(accountant: str) -> dp_accounting.PrivacyAccountant:
+def _fresh(accountant: str) -> "dp_accounting.PrivacyAccountant":
+    from dp_accounting import pld, rdp
+
     return rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant()
 
 
@@ -105,6 +121,7 @@ def noise_multiplier_for(target_epsilon: float, delta: float, rounds: int, sampl
     if epsilon_for(rounds, max_noise, q, delta, accountant) > target_epsilon:
         raise ValueError(f"even noise multiplier {max_noise} gives more than epsilon {target_epsilon} "
                          f"after {rounds} rounds: allow more epsilon or fewer rounds")
+    dp_accounting = _dp_accounting()
     z = dp_accounting.calibrate_dp_mechanism(
         lambda: _fresh(accountant), lambda noise: round_event(noise, q, rounds), float(target_epsilon),
         float(delta), dp_accounting.ExplicitBracketInterval(1e-2, max_noise), tol=tol)

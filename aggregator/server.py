@@ -17,6 +17,7 @@ whatever was: the restarted aggregator continues the same round, nothing lost or
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
@@ -34,7 +35,7 @@ from paho.mqtt.properties import Properties
 from aggregator.aggregation import AggregationError
 from aggregator.dp import DPFedAvgAggregator, make_any_aggregator
 from aggregator.privacy_accounting import PrivacyAccountant
-from aggregator.checkpoint import CheckpointError, CheckpointStore, ModelCheckpoint, RoundCheckpoint
+from aggregator.checkpoint import CheckpointError, CheckpointStore, ModelCheckpoint, RoundCheckpoint, RoundEnd
 from aggregator.cohort import PaceSteering, select_cohort
 from aggregator.config import AggregatorConfig
 from aggregator.evaluation import EvalHook, FederatedEval, device_eval_counts
@@ -42,6 +43,7 @@ from aggregator.intake import IntakeLimits, RoundState, check_header, decode_int
 from aggregator.metrics import AggregatorMetrics, JsonLines
 from aggregator.publisher import PublishedModel, Release, build_inference_message, build_release, bundle_envelope
 from aggregator.scale_out import CoordinatorLink, merge_states
+from aggregator.secure_round import SecureAggregation
 from models.bundle import Bundle
 from protocol.codec import parse_codec
 from protocol.envelope import Envelope, Kind, decode_envelope
@@ -54,6 +56,9 @@ from protocol.transport import MqttSettings, configure_client
 log = logging.getLogger(__name__)
 
 __all__ = ["Aggregator", "AggregatorConfig", "AggregatorStopped", "RoundResult"]
+
+# Longest wait before the devices not selected in a round get their answer (see _reporting_phase).
+STEER_DELAY_S = 1.0
 
 
 class AggregatorStopped(RuntimeError):
@@ -82,6 +87,10 @@ class RoundResult:
     eval: dict[str, float] = field(default_factory=dict)
     fed_eval: dict[str, float] = field(default_factory=dict)
     privacy: dict = field(default_factory=dict)  # DP-FedAvg: clip, noise, epsilon so far at delta
+    secagg: dict = field(default_factory=dict)   # secure aggregation: phase timings, bytes by phase, dropouts
+    # time.monotonic() at the end of each phase (opened, window_closed, assigned, steered, reports_closed,
+    # published), so a simulator can tell where a round's wall time went (bench/fleet_scale.py)
+    phase_marks: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,6 +118,14 @@ class _OpenRound:
     grants: dict[str, str] = field(default_factory=dict)    # scale-out: device -> worker
     partials: dict[str, dict] = field(default_factory=dict)  # scale-out: worker -> aggregator state
     resumed: bool = False
+    accepted_sha: dict[str, str] = field(default_factory=dict)  # device -> sha256 of its update (the ledger)
+    refused: set[str] = field(default_factory=set)  # cohort devices whose update for this round was rejected
+
+    @property
+    def cohort_set(self) -> frozenset[str]:
+        return frozenset(self.cohort)
+    steering_sent: bool = False                  # the devices not selected have their answer
+    marks: dict[str, float] = field(default_factory=dict)   # phase -> time.monotonic() at its end
 
 
 class _ByteBoundedQueue:
@@ -195,7 +212,9 @@ class Aggregator:
         self._started = False
         self._stopped = False
         self._link = CoordinatorLink(self.topics, config) if config.workers else None
+        self._secure = SecureAggregation(self) if config.secure_aggregation else None
         self._store = CheckpointStore(config.checkpoint_dir) if config.checkpoint_dir else None
+        self._last_end: RoundEnd | None = None  # how the last round ended (model checkpoint + ledger)
         self.version = 0
         self.round_id = 0
         self._rng = np.random.default_rng(config.seed)
@@ -249,6 +268,11 @@ class Aggregator:
     def online_devices(self) -> int:
         return len(self._online)
 
+    @property
+    def round_in_progress(self) -> bool:
+        """True while a round is open (also one resumed from the checkpoint and not yet finished)."""
+        return self._round is not None
+
     # ---- connection ------------------------------------------------------------------------
     def start(self, timeout_s: float = 30.0) -> None:
         """Connect, then (re-)publish the retained state devices need: bundle, model, delta, int8, plan."""
@@ -267,13 +291,20 @@ class Aggregator:
         if not self._connected.wait(timeout_s):
             self.stop()
             raise ConnectionError(f"aggregator could not connect to {self._mqtt.host}:{self._mqtt.port} in {timeout_s} s")
+        self._republish_retained()
+
+    def _republish_retained(self) -> None:
+        """Publish the retained state devices bootstrap from: bundle, model, delta, int8, the open
+        round's plan (and its assignments). At start, and after reconnecting to a broker that lost
+        our session, since it lost its retained messages too (a SIGKILL before it saved them)."""
         self._publish(self.topics.bundle, bundle_envelope(self.config.fleet, self.bundle.to_bytes(), self.bundle.model_id),
                       retain=True, wait=True)
         self._publish_release(self.release)
         if self._int8_envelope is not None:
             self._publish(self.topics.model_int8, self._int8_envelope, retain=True, wait=True)
-        r = self._round
-        if r is not None:  # resumed after a restart: tell the fleet again
+        with self._cv:
+            r = self._round
+        if r is not None:  # resumed after a restart, or open while the broker restarted: tell the fleet again
             self._publish(self.topics.round, r.plan.to_envelope(self.config.fleet).encode(), retain=True, wait=True)
             if r.phase == "reporting":
                 self._send_assignments(r)
@@ -308,8 +339,16 @@ class Aggregator:
             subs = [(self._link.all_claims, 1), (self._link.all_partials, 1)]
         else:
             subs = [(self.topics.all_updates, 1)]
+        if self._secure is not None:
+            subs.append((self.topics.all_secagg_up, 1))
         client.subscribe(subs + [(self.topics.all_checkins, 1), (self.topics.all_status, 1)])
+        reconnect = self._connected.is_set()
         self._connected.set()
+        if reconnect and not getattr(flags, "session_present", False) and not self._stopped:
+            log.warning("aggregator: reconnected and the broker has no session of ours (restarted without "
+                        "saving?): publishing the retained bundle, model and round again")
+            # not on paho's network thread: the publishes wait for their PUBACKs
+            threading.Thread(target=self._republish_retained, name="republish", daemon=True).start()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, reason_code: object,
                        properties: object = None) -> None:
@@ -347,6 +386,8 @@ class Aggregator:
         try:
             if kind == "update":
                 self._handle_update(self.topics.device_of(topic), payload, token)
+            elif kind == "secagg" and self._secure is not None and rest.startswith("secagg/up/"):
+                self._secure.on_message(self.topics.device_of(topic), payload, token)
             elif kind == "checkin":
                 device = self.topics.device_of(topic)
                 self._handle_checkin(device, decode_envelope(payload, expect=Kind.CHECKIN), token)
@@ -423,6 +464,7 @@ class Aggregator:
                 return
             assert state is not None and r is not None
             state.accepted.add(device)
+            r.accepted_sha[device] = hashlib.sha256(data).hexdigest()
             self._account(r, env.meta, len(data))
             if len(state.accepted) >= r.goal:
                 state.open = False  # goal reached: later reports (the over-selected) are refused
@@ -446,8 +488,12 @@ class Aggregator:
         self.rejections[exc.reason.value] += 1
         self.metrics.rejected(exc.reason.value)
         with self._cv:
-            if self._round is not None:
-                self._round.rejected[exc.reason.value] += 1
+            r = self._round
+            if r is not None:
+                r.rejected[exc.reason.value] += 1
+                if round_id == r.plan.round_id and device in r.cohort_set:
+                    r.refused.add(device)  # its answer for this round is in: no need to wait for it
+                    self._cv.notify_all()
         # a late report of an over-selected device is expected, not a problem
         level = logging.INFO if exc.reason is Reason.ROUND_CLOSED else logging.WARNING
         log.log(level, "aggregator: rejected update from %s: %s", device, exc)
@@ -517,6 +563,7 @@ class Aggregator:
                 assert self._store is not None
                 before = self._store.bytes_written
                 self._store.save_round(snapshot)
+                self._store.ledger.record_accepted(snapshot.round_id, snapshot.meta["accepted_sha256"])
                 self.metrics.c(self.metrics.checkpoint_bytes).inc(self._store.bytes_written - before)
             for item in pending:
                 if item.reply is not None:
@@ -554,6 +601,7 @@ class Aggregator:
             "goal": r.goal, "accepted": sorted(state.accepted), "open": state.open, "uplink_bytes": r.uplink_bytes,
             "losses": r.losses, "rejected": dict(r.rejected), "duplicates": r.duplicates,
             "fed_eval": r.fed_eval.state(), "grants": r.grants, "rng_state": self._rng.bit_generator.state,
+            "accepted_sha256": r.accepted_sha,
         }
         aggregate = self._aggregate.state() if self._aggregate.count else None
         return RoundCheckpoint(r.plan.round_id, meta, aggregate)
@@ -566,7 +614,8 @@ class Aggregator:
                        steered_away=m["steered_away"], checkins={d: CheckIn(**c) for d, c in m["checkins"].items()},
                        cohort=list(m["cohort"]), retry=dict(m["retry"]), goal=m["goal"], uplink_bytes=m["uplink_bytes"],
                        losses=list(m["losses"]), rejected=Counter(m["rejected"]), duplicates=m["duplicates"],
-                       fed_eval=FederatedEval.from_state(m["fed_eval"]), grants=dict(m["grants"]), resumed=True)
+                       fed_eval=FederatedEval.from_state(m["fed_eval"]), grants=dict(m["grants"]), resumed=True,
+                       accepted_sha=dict(m.get("accepted_sha256", {})))
         self._aggregate.reset(self.dim)
         if ckpt.aggregate is not None:
             self._aggregate.load_state(ckpt.aggregate)
@@ -576,8 +625,15 @@ class Aggregator:
         self._rng.bit_generator.state = m["rng_state"]
         self._state = RoundState(plan.round_id, plan.base_version, plan.codec, set(r.cohort), set(m["accepted"]),
                                  bool(m["open"]))
+        if r.phase == "checkin":
+            # the window ran on while we were down, and the check-ins not yet checkpointed are still
+            # queued on the broker for our session: open the window again so they arrive before the
+            # cohort is chosen (closing it at once gave an empty cohort and an abandoned round)
+            r.window_end_unix = time.time() + self.config.checkin_window_s
         self._round = r
         self.round_id = plan.round_id
+        if self._store is not None:  # the ledger may be one flush behind the checkpoint: complete it
+            self._store.ledger.record_accepted(plan.round_id, r.accepted_sha)
         log.info("resuming round %d (%s phase) from %s: %d check-ins, %d of %d reports accepted", plan.round_id,
                  r.phase, self._store.directory if self._store else "?", len(r.checkins), len(m["accepted"]), r.goal)
 
@@ -588,7 +644,8 @@ class Aggregator:
             version=self.version, last_round=self.round_id, weights=self.release.weights,
             optimizer=self.optimizer.state(), rng_state=self._rng.bit_generator.state,
             model_envelope=self.release.full.envelope_bytes, delta_envelope=delta,
-            extra={"model_id": self.bundle.model_id, "period_s": self._pace.period_s}))
+            extra={"model_id": self.bundle.model_id, "period_s": self._pace.period_s,
+                   "last_round_end": self._last_end.to_dict() if self._last_end is not None else None}))
 
     def _restore_model(self, ckpt: ModelCheckpoint) -> None:
         model_id = ckpt.extra.get("model_id")
@@ -609,6 +666,10 @@ class Aggregator:
         self.release = Release(full, delta)
         if self._store is not None:
             self._int8_envelope = self._store.load_int8()
+            end = ckpt.extra.get("last_round_end")
+            if end is not None:  # killed between the model checkpoint and its ledger line
+                self._last_end = RoundEnd(**end)
+                self._store.ledger.record_round_end(self._last_end)
         log.info("restored model v%d (last round %d) from %s", self.version, self.round_id,
                  self._store.directory if self._store else "?")
 
@@ -622,7 +683,10 @@ class Aggregator:
         r = self._round if self._round is not None else self._open_round()
         if r.phase == "checkin":
             self._checkin_phase(r)
-        self._reporting_phase(r)
+        if self._secure is not None:
+            self._secure.run(r)  # aggregator/secure_round.py: the four phases instead of plain updates
+        else:
+            self._reporting_phase(r)
         return self._finish_round(r)
 
     def _open_round(self) -> _OpenRound:
@@ -635,6 +699,8 @@ class Aggregator:
             local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.client_lr, mu=cfg.mu,
             max_steps=cfg.max_steps, downlink=parse_codec(cfg.downlink).spec,
             delta_downlink=self.release.delta is not None, clip_norm=cfg.client_clip,
+            secure_aggregation=cfg.secure_aggregation, update_clip=cfg.secure_clip() if cfg.secure_aggregation else 0.0,
+            secure_weighted=cfg.secure_weighted(),
         )
         now = time.time()
         with self._cv:
@@ -648,6 +714,7 @@ class Aggregator:
             self._dirty = True
         self.flush()
         self._publish(self.topics.round, plan.to_envelope(cfg.fleet).encode(), retain=True)
+        r.marks["opened"] = time.monotonic()
         return r
 
     def _checkin_phase(self, r: _OpenRound) -> None:
@@ -674,16 +741,41 @@ class Aggregator:
             r.phase = "reporting"
             r.deadline_unix = now + cfg.report_deadline_s
             self._dirty = True
+        r.marks["window_closed"] = time.monotonic()
         self.flush()  # the cohort is durable before any device hears of it (and check-ins are acked)
         if self._link is not None:
             self._publish(*self._link.round_message(r.plan, r.cohort, True, cfg), retain=True, wait=True)
-        self._send_assignments(r)
+        # plain rounds answer the devices not selected from _reporting_phase, once the cohort is training
+        self._send_assignments(r, steer=self._secure is not None)
 
-    def _send_assignments(self, r: _OpenRound) -> None:
+    def _send_assignments(self, r: _OpenRound, *, steer: bool = True) -> None:
+        """Tell the cohort, then (`steer`) every device not selected when to come back.
+
+        The cohort goes first, and a plain round sends the "not selected" answers only once the
+        cohort is training (`_steer_once`): up to a whole fleet's worth of them would otherwise
+        queue in front of the cohort's model downloads while the trainers wait.
+        """
         for device in r.cohort:
             self._publish(*self._assignment_message(device, Assignment(r.plan.round_id, True, 0.0, "")))
-        for device, retry in r.retry.items():
+        r.marks["assigned"] = time.monotonic()
+        if steer:
+            self._send_steering(r)
+
+    def _send_steering(self, r: _OpenRound) -> None:
+        """"Not selected" answers; each says how long is left of the retry_after decided at selection,
+        so the device comes back when the aggregator expects it however late the answer leaves."""
+        now = time.time()
+        with self._cv:
+            r.steering_sent = True
+            answers = [(d, round(max(0.0, self._steered_until.get(d, now) - now), 3) if retry > 0 else 0.0)
+                       for d, retry in r.retry.items()]
+        for device, retry in answers:
             self._publish(*self._assignment_message(device, Assignment(r.plan.round_id, False, retry, "not_selected")))
+        r.marks["steered"] = time.monotonic()
+
+    def _steer_once(self, r: _OpenRound) -> None:
+        if not r.steering_sent:
+            self._send_steering(r)
 
     def _retry_after(self, r: _OpenRound) -> float:
         if not self.config.pace_steering:
@@ -691,18 +783,42 @@ class Aggregator:
         return round(self._pace.retry_after(self.config.cohort_size(len(r.checkins)),
                                             time.time() - r.started_unix), 3)
 
+    def steered_away_now(self) -> int:
+        """Devices told to come back later whose retry_after has not run out: the next round's
+        window does not count on them (`expected_checkins` minus these)."""
+        now = time.time()
+        with self._cv:
+            return sum(1 for until in self._steered_until.values() if until > now)
+
     def _reporting_phase(self, r: _OpenRound) -> None:
+        # the devices not selected hear once the first update is in (the cohort has its models and
+        # trains), or after STEER_DELAY_S at the latest
+        steer_at = time.monotonic() + min(STEER_DELAY_S, self.config.report_deadline_s / 4)
         with self._cv:
             state = self._state
             assert state is not None
             while state.open and len(state.accepted) < r.goal:
                 self._raise_if_failed()
+                if len(state.accepted | r.refused) >= len(r.cohort):
+                    break  # every device of the cohort was accepted or refused: nothing more can come
                 left = r.deadline_unix - time.time()
                 if left <= 0:
                     break
+                if not r.steering_sent:
+                    steer_in = steer_at - time.monotonic()
+                    if state.accepted or steer_in <= 0:
+                        self._cv.release()  # ~1,000 publishes must not hold up the intake thread
+                        try:
+                            self._steer_once(r)
+                        finally:
+                            self._cv.acquire()
+                        continue
+                    left = min(left, steer_in)
                 self._cv.wait(timeout=min(0.5, left))
             state.open = False
             self._dirty = True
+        self._steer_once(r)  # the goal was reached (or the deadline passed) before
+        r.marks["reports_closed"] = time.monotonic()
         self.flush()  # every accepted update is in the checkpoint, and acknowledged
         self._raise_if_failed()
 
@@ -750,6 +866,8 @@ class Aggregator:
         accepted = len(state.accepted)
         needed = cfg.needed_reports(len(r.cohort))
         reason = "" if accepted >= needed else f"{accepted} of {len(r.cohort)} reports, {needed} needed"
+        if self._secure is not None:  # committed when the secure sum was unmasked (>= threshold survived)
+            reason = self._secure.commit_reason(r)
         if not reason and self._link is not None:
             reason = self._collect_partials(r)
         committed = not reason
@@ -763,10 +881,13 @@ class Aggregator:
         else:
             log.warning("aggregator: round %d ABANDONED: %s", r.plan.round_id, reason)
         if self._store is not None:
+            self._last_end = RoundEnd(r.plan.round_id, self.version, committed, accepted)
             self._save_model()  # the round is over (committed or not) before anyone hears of it
+            self._store.ledger.record_round_end(self._last_end)
         if committed:
             self._publish_release(self.release)
             self._maybe_publish_int8()
+        r.marks["published"] = time.monotonic()
         privacy = self._account_privacy(len(r.cohort), len(r.checkins)) if committed else {}
         evaluation: dict[str, float] = {}
         if committed and self.eval_hook is not None and cfg.eval_every and r.plan.round_id % cfg.eval_every == 0:
@@ -781,6 +902,7 @@ class Aggregator:
             train_loss=float(np.mean(r.losses)) if r.losses else float("nan"), goal=r.goal,
             duplicates=r.duplicates, abandoned_reason=reason, resumed=r.resumed, delta_bytes=delta_bytes,
             eval=evaluation, fed_eval=r.fed_eval.result(), privacy=privacy,
+            secagg=self._secure.report(r) if self._secure is not None else {}, phase_marks=dict(r.marks),
         )
         with self._cv:
             self._round = None  # late updates still meet the closed RoundState: round_closed / duplicate

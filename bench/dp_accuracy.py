@@ -1,7 +1,7 @@
 """Plan (and optionally run) the BENCHMARK accuracy runs with DP-FedAvg beside the plain run.
 
 The runs themselves are `fedboard simulate` on the shakespeare-speakers task (CPU-heavy:
-hours on 2 cores), so by default this script only PLANS them, in well under a minute:
+5-10 minutes per 30-round run on 2 cores), so by default this script only PLANS them:
 
 1. for each cohort size m it calibrates the noise multiplier z that reaches the target
    (epsilon, delta) after the given rounds (dp-accounting RDP, Poisson sampling with
@@ -11,11 +11,13 @@ hours on 2 cores), so by default this script only PLANS them, in well under a mi
    DP with adaptive clipping, each writing its own report directory.
 
 With --run it executes those commands one after the other. The DP aggregator is chosen
-with ``--aggregation "dp:clip=C,noise=Z,expected=M[,adaptive]|mean"`` once the lead has
-switched the aggregator and its config to `aggregator.dp.make_any_aggregator` (see
-aggregator/PRIVACY.md, "Wiring"); epsilon per round then appears in the run report.
+with ``--aggregation "dp:clip=C,noise=Z,expected=M[,adaptive]|mean"`` and ``--dp-delta``;
+epsilon per round appears in each run's report.json (per_round[i].privacy).
 
-    python bench/dp_accuracy.py --epsilon 8 --delta 1e-3 --rounds 300 [--cohorts 20 50 100] [--run]
+    python bench/dp_accuracy.py --epsilon 8 --delta 1e-4 --rounds 30 [--cohorts 20 50 100] [--run]
+
+Measured (30 rounds x 20 devices, over-selection 1.0, clip 1, z = 0.627, epsilon 7.99 at delta 1e-4,
+runs/dp/eps8): top-1 0.0363 / top-3 0.0817 at round 30, against 0.0751 / 0.1673 for the plain run.
 """
 from __future__ import annotations
 
@@ -55,14 +57,16 @@ def plan(epsilon: float, delta: float, rounds: int, cohorts: list[int], populati
 
 
 def commands(rows: list[dict], rounds: int, out_root: str) -> list[list[str]]:
-    base = ["fedboard", "simulate", "--corpus", str(DATA), "--rounds", str(rounds), "--no-progress"]
+    base = ["fedboard", "simulate", "--corpus", str(DATA), "--format", "speakers", "--rounds", str(rounds),
+            "--over-selection", "1.0", "--no-progress"]
     cmds = [base + ["--clients-per-round", "20", "--out", f"{out_root}/plain"]]
     for row in rows:
         m = str(row["clients_per_round"])
         # same server optimizer as the plain run: it only post-processes the noised average
-        cmds.append(base + ["--clients-per-round", m, "--aggregation", row["spec"], "--out", f"{out_root}/dp-m{m}"])
+        dp = ["--clients-per-round", m, "--dp-delta", repr(row["delta"])]
+        cmds.append(base + dp + ["--aggregation", row["spec"], "--out", f"{out_root}/dp-m{m}"])
         if row["adaptive_spec"]:
-            cmds.append(base + ["--clients-per-round", m, "--aggregation", row["adaptive_spec"],
+            cmds.append(base + dp + ["--aggregation", row["adaptive_spec"],
                                 "--out", f"{out_root}/dp-adaptive-m{m}"])
     return cmds
 
@@ -70,9 +74,9 @@ def commands(rows: list[dict], rounds: int, out_root: str) -> list[list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epsilon", type=float, default=8.0)
-    parser.add_argument("--delta", type=float, default=1e-3, help="below 1 / population (309 devices)")
-    parser.add_argument("--rounds", type=int, default=300)
-    parser.add_argument("--cohorts", type=int, nargs="+", default=[20, 50, 100])
+    parser.add_argument("--delta", type=float, default=1e-4, help="well below 1 / population (309 devices)")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--cohorts", type=int, nargs="+", default=[20])
     parser.add_argument("--population", type=int, default=POPULATION)
     parser.add_argument("--clip", type=float, default=1.0, help="L2 clip (initial clip with adaptive)")
     parser.add_argument("--out-root", default="runs/dp")

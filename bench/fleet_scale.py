@@ -15,6 +15,9 @@ Mosquitto started here with our raised open-file limit (it inherits it):
   pool_busy_s is the time interpreters were leased inside that interval (set_weights, the
   training steps, get_weights of each device's run). Between rounds the simulator evaluates
   the global model on the pooled test set; that is not part of any round and not counted.
+  `overhead_by_phase` splits the idle interpreter-seconds over the round's phases (prepare,
+  checkin, assign, first_model, training, commit: device_sim/round_profile.py); the shares add
+  up to `overhead_overall`.
   Also: the simulator's peak RSS (VmHWM) and Mosquitto's RSS after the last round.
 - `idle`: the same scenario with N devices (default 10,000) all connected, through one round
   in which one device trains (clients_per_round = 1; check-in window 60 wall s, closed as soon
@@ -113,6 +116,8 @@ def measure(args: argparse.Namespace) -> None:
                 args.checkin_window_s = 60.0
             cfg = _sim_config(args, devices=args.idle_devices, goal=1, rounds=1, broker=args.broker, out=out)
         report = run_simulation(cfg, on_start=on_start, on_round=on_round)
+    from device_sim.round_profile import overhead_table
+
     rows = report["per_round"]
     overheads = [1.0 - r["pool_busy_s"] / (r["pool_size"] * r["round_wall_s"]) for r in rows]
     result = {
@@ -126,7 +131,9 @@ def measure(args: argparse.Namespace) -> None:
         "per_round": [{"round": r["round"], "committed": r["committed"], "checkins": r["checkins"],
                        "cohort": r["cohort"], "participants": r["participants"],
                        "round_wall_s": round(r["round_wall_s"], 3), "pool_busy_s": round(r["pool_busy_s"], 3),
-                       "overhead": round(o, 4)} for r, o in zip(rows, overheads)],
+                       "overhead": round(o, 4),
+                       "idle_by_phase": {k: round(v, 3) for k, v in r.get("idle_by_phase", {}).items()}}
+                      for r, o in zip(rows, overheads)],
         "participation": report["fleet"]["participation"],
         "dropouts_by_cause": report["fleet"]["dropouts_by_cause"],
         "top3": report["top3"], "wall_s": round(report["wall_s"], 1),
@@ -137,6 +144,7 @@ def measure(args: argparse.Namespace) -> None:
         result["overhead_overall"] = round(1.0 - total_busy / total_wall, 4)
         result["overhead_median_round"] = round(sorted(overheads)[len(overheads) // 2], 4)
         result["round_wall_s_median"] = round(sorted(r["round_wall_s"] for r in rows)[len(rows) // 2], 3)
+        result["overhead_by_phase"] = overhead_table(rows)
     print("RESULT " + json.dumps(result))
 
 

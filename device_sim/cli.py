@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from protocol.cli_entry import add_log_level, run_parsed
+
 log = logging.getLogger("fedboard")
 
 CORPUS_FORMATS = ("speakers", "tsv", "jsonl", "dir", "builtin")
@@ -28,7 +30,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedboard", description="Federated next-word prediction over MQTT.")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    add_log_level(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from edge_client.commands import register as register_device_commands
 
@@ -53,7 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--downlink", default="f32", help="downlink codec spec for the global model")
     sim.add_argument("--server-optimizer", default="fedadam", help="fedavg, fedavgm, fedadam, fedyogi, fedadagrad")
     sim.add_argument("--server-lr", type=float, default=0.01, help="server learning rate (FedAdam: 0.01)")
-    sim.add_argument("--aggregation", default="mean", help="mean, clip:C|mean, trimmed:F, median")
+    sim.add_argument("--aggregation", default="mean", help="mean, clip:C|mean, trimmed:F, median, dp:clip=C,noise=Z,expected=M|mean")
+    sim.add_argument("--byzantine", default="",
+                     help="share of devices that corrupt their updates (attack tests): 0.1:mixed, 0.1:scale=-20, "
+                          "0.1:signflip, 0.05:nan")
+    sim.add_argument("--dp-delta", type=float, default=0.0, help="delta at which DP-FedAvg's epsilon is reported (default 1 / (10 x devices))")
+    sim.add_argument("--secure-aggregation", action="store_true",
+                     help="secure aggregation (aggregator/PRIVACY.md): the aggregator learns only the cohort's sum")
+    sim.add_argument("--secagg-bits", type=int, default=32, help="ring of the secure sum: 32, or 16 for half the bytes")
+    sim.add_argument("--update-clip", type=float, default=0.0,
+                     help="with --secure-aggregation: devices clip their update to this L2 norm (0 = none)")
     sim.add_argument("--over-selection", type=float, default=1.3, help="cohort = clients-per-round x this (default 1.3)")
     sim.add_argument("--mu", type=float, default=0.0, help="FedProx proximal term (0 = off)")
     sim.add_argument("--client-clip", type=float, default=5.0, help="per-step gradient clipping on devices (0 = off)")
@@ -113,18 +124,7 @@ def _hoist_global_options(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_hoist_global_options(list(sys.argv[1:] if argv is None else argv)))
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if getattr(args, "handler", None) is not None:
-            return args.handler(args)
-        if args.command == "simulate":
-            return _simulate(args)
-        if args.command == "train-central":
-            return _train_central(args)
-    except (ValueError, FileNotFoundError, ConnectionError, TimeoutError) as exc:
-        print(f"fedboard {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    raise AssertionError(args.command)
+    return run_parsed(args, getattr(args, "handler", None) or _BUILTIN_COMMANDS[args.command])
 
 
 _SIM_DEFAULTS = dict(vocab_size=5000, seq_len=20, seed=0, clients_per_round=20, local_epochs=1, batch_size=16,
@@ -138,10 +138,11 @@ def _simulate(args: argparse.Namespace) -> int:
     common = dict(
         corpus=args.corpus, format=args.format, devices=args.devices, downlink=args.downlink,
         server_optimizer=args.server_optimizer, server_lr=args.server_lr, aggregation=args.aggregation, mu=args.mu,
-        client_clip=args.client_clip, downlink_delta=args.downlink_delta, embed_dim=args.embed_dim, units=args.units,
+        client_clip=args.client_clip, downlink_delta=args.downlink_delta, dp_delta=args.dp_delta, byzantine=args.byzantine, embed_dim=args.embed_dim, units=args.units,
         broker=args.broker, mqtt_version=args.mqtt_version or 0, pool_size=args.pool_size, eval_every=args.eval_every,
         out=args.out, progress=not args.no_progress, speedup=args.speedup, checkin_window_s=args.checkin_window_s,
-        report_deadline_s=args.deadline_s,
+        report_deadline_s=args.deadline_s, secure_aggregation=args.secure_aggregation, secagg_bits=args.secagg_bits,
+        update_clip=args.update_clip,
         shard=parse_shard(args.shard) if args.shard else None,
         aggregator="none" if args.no_aggregator else "only" if args.aggregator_only else "auto",
     )
@@ -196,6 +197,9 @@ def _train_central(args: argparse.Namespace) -> int:
     (out / "central.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("task", "epochs", "best_top3", "wall_s")}, indent=2))
     return 0
+
+
+_BUILTIN_COMMANDS = {"simulate": _simulate, "train-central": _train_central}
 
 
 if __name__ == "__main__":

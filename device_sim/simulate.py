@@ -39,7 +39,9 @@ from paho.mqtt.client import CallbackAPIVersion
 
 from aggregator.server import Aggregator, AggregatorConfig
 from device_sim.broker import BrokerAddress, EmbeddedBroker, parse_broker
+from device_sim.byzantine import ByzantineFleet, parse_byzantine
 from device_sim.report import machine, peak_rss_mb, plot_accuracy, write_report
+from device_sim.round_profile import idle_by_phase
 from edge_client.device import DeviceClient, DeviceConfig
 from edge_client.mqtt_hub import MqttHub, raise_fd_limit
 from edge_client.residuals import ResidualStore
@@ -74,6 +76,7 @@ class SimConfig:
     server_optimizer: str = "fedadam"
     server_lr: float = 0.01
     aggregation: str = "mean"
+    dp_delta: float = 0.0                # delta of DP-FedAvg's epsilon; 0 = 1 / (10 x devices)
     over_selection: float = 1.3          # cohort = ceil(clients_per_round * over_selection)
     mu: float = 0.0                      # FedProx proximal term
     client_clip: float = 5.0
@@ -99,6 +102,10 @@ class SimConfig:
     shard: tuple[int, int] | None = None  # (i, n): run only devices with index % n == i
     aggregator: str = "auto"             # "auto" (shard 0 or unsharded), "none", "only"
     timelines: int = 8                   # devices whose full event timelines go into the report
+    secure_aggregation: bool = False     # the aggregator learns only the cohort's sum (aggregator/secure_round.py)
+    secagg_bits: int = 32                # ring of the secure sum: 32, or 16 for half the bytes
+    update_clip: float = 0.0             # under secure aggregation: devices clip their update to this L2 norm
+    byzantine: str = ""                  # e.g. "0.1:mixed": that share of devices corrupt their updates (device_sim/byzantine.py)
 
     def __post_init__(self) -> None:
         for name in ("rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every"):
@@ -108,6 +115,7 @@ class SimConfig:
             raise ValueError("--devices must be >= 0")
         parse_codec(self.codec)
         parse_codec(self.downlink)
+        parse_byzantine(self.byzantine)
         if self.aggregator not in ("auto", "none", "only"):
             raise ValueError(f"aggregator must be auto, none or only, got {self.aggregator!r}")
         if self.shard is not None:
@@ -200,6 +208,12 @@ class TimedPool(InterpreterPool):
         with self._busy_lock:
             spans = list(self._intervals) + [(s, t1) for s in self._open.values()]
         return sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in spans)
+
+    def first_lease_after(self, t: float) -> float | None:
+        """When the first lease that began at or after `t` began (None: none yet)."""
+        with self._busy_lock:
+            starts = [a for a, _ in self._intervals if a >= t] + [a for a in self._open.values() if a >= t]
+        return min(starts, default=None)
 
 
 @dataclass
@@ -315,6 +329,8 @@ def run_simulation(cfg: SimConfig, *, on_start: Callable[[list[SimDevice]], None
 
     devices: list[SimDevice] = []
     per_round: list[dict[str, Any]] = []
+    byzantine = ByzantineFleet.from_spec(cfg.byzantine, fleet.scenario.fleet.devices if fleet.scenario else len(users),
+                                         cfg.seed)
     last = None
     with contextlib.ExitStack() as stack:
         n_conn = (fleet.scenario.fleet.devices if fleet.scenario else len(users)) if cfg.runs_devices else 0
@@ -335,9 +351,11 @@ def run_simulation(cfg: SimConfig, *, on_start: Callable[[list[SimDevice]], None
             stack.callback(agg.stop)
         if cfg.runs_devices:
             if fleet.scenario is not None:
-                devices = _start_fleet(cfg, fleet, task, users, pool, public_key, settings, state_root, executor, hub)
+                devices = _start_fleet(cfg, fleet, task, users, pool, public_key, settings, state_root, executor, hub,
+                                       byzantine=byzantine)
             else:
-                devices = _start_devices(cfg, task, users, pool, public_key, settings, state_root, executor, hub)
+                devices = _start_devices(cfg, task, users, pool, public_key, settings, state_root, executor, hub,
+                                         byzantine=byzantine)
             stack.callback(_stop_all, [d.client for d in devices])
             _wait_connected([d.client for d in devices], timeout_s=max(120.0, 0.05 * len(devices)))
             log.info("%d simulated devices connected", len(devices))
@@ -368,6 +386,8 @@ def run_simulation(cfg: SimConfig, *, on_start: Callable[[list[SimDevice]], None
                     fleet.recorder.round_started(round_id, fleet.clock.now())
                 _update_expected_checkins(agg, cfg, fleet, devices)
                 result = agg.run_round()
+                if byzantine is not None:  # the round's aggregate is kept until the next round starts
+                    byzantine.note_aggregate(result.round, getattr(agg, "_aggregate", None))
                 t1 = time.monotonic()
                 if fleet.clock is not None:
                     fleet.clock.unpin()
@@ -378,6 +398,9 @@ def run_simulation(cfg: SimConfig, *, on_start: Callable[[list[SimDevice]], None
                 row["pool_busy_s"] = pool.busy_s(t0, t1)
                 row["round_wall_s"] = t1 - t0
                 row["pool_size"] = pool.size
+                marks = result.phase_marks
+                row["idle_by_phase"] = idle_by_phase(pool.busy_s, pool.size, t0, t1, marks, pool.first_lease_after(
+                    marks.get("assigned", marks.get("window_closed", t1))))
                 if fleet.clock is not None:
                     row["sim_end_s"] = fleet.clock.now()
                 if result.round % cfg.eval_every == 0 or result.round == cfg.rounds:
@@ -403,6 +426,8 @@ def run_simulation(cfg: SimConfig, *, on_start: Callable[[list[SimDevice]], None
         report = {"task": corpus.name, "devices": len(devices), "shard": list(cfg.shard or (0, 1)),
                   "aggregator": False, "wall_s": time.monotonic() - wall_start, "peak_rss_mb": peak_rss_mb(),
                   "config": asdict(cfg), **machine()}
+    if byzantine is not None and agg is not None:
+        report["byzantine"] = byzantine.summary()
     if fleet.recorder is not None:
         _add_fleet_section(report, cfg, fleet, devices, out_dir)
     write_report(report, out_dir)
@@ -446,6 +471,12 @@ def _load_fleet(cfg: SimConfig) -> _Fleet:
     return _Fleet(scenario, clock, FleetRecorder(scenario.name), _ClockGate(clock))
 
 
+def _default_dp_delta(population: int) -> float:
+    """DP-FedAvg's delta must be well below 1 / population (a mechanism that publishes one
+    device's data outright with probability delta is (0, delta)-DP): 1 / (10 x population)."""
+    return 1.0 / (10.0 * max(population, 1))
+
+
 def _aggregator_config(cfg: SimConfig, fleet: _Fleet, n_users: int) -> AggregatorConfig:
     """Round timing: 30 s / every device without a scenario; the scenario's windows (sim s) on the
     wall clock with one. Ineligible devices never check in, so with a scenario the window closes
@@ -465,29 +496,34 @@ def _aggregator_config(cfg: SimConfig, fleet: _Fleet, n_users: int) -> Aggregato
         client_lr=cfg.client_lr, aggregation=cfg.aggregation, server_optimizer=cfg.server_optimizer,
         server_lr=cfg.server_lr, seed=cfg.seed, over_selection=cfg.over_selection, mu=cfg.mu,
         client_clip=cfg.client_clip, downlink_delta=cfg.downlink_delta,
+        dp_delta=cfg.dp_delta or _default_dp_delta(n_users if fleet.scenario is None else fleet.scenario.fleet.devices),
         max_steps=fleet.scenario.training.max_steps if fleet.scenario is not None else 0,
+        secure_aggregation=cfg.secure_aggregation, secagg_bits=cfg.secagg_bits, update_clip=cfg.update_clip,
     )
 
 
 def _update_expected_checkins(agg: Aggregator, cfg: SimConfig, fleet: _Fleet, devices: list[SimDevice]) -> None:
     """With a scenario and the whole fleet in this process: expect exactly the devices that will
-    check in now, so the window closes on the last of them instead of running to its end.
+    check in as soon as they get the plan, so the window closes on the last of them instead of
+    running to its end.
 
     The readings are pinned at the round's start, so "eligible now" is what each client will
-    decide. The aggregator subtracts the devices it pace-steered away from `expected_checkins`;
-    those are the devices still waiting out a retry_after, eligible or not, so they are added
-    back. A sharded fleet's other devices are out of sight: it keeps expected_checkins = 0.
+    decide. Devices still waiting out a pace-steering retry_after check in when it runs out,
+    from a timer; one that runs out during the window is welcome, but the window does not wait
+    for it (up to the whole window, the trainers idle). The aggregator subtracts the devices it
+    steered away from `expected_checkins`, so they are added back as the aggregator counts them
+    (not as the devices do: a device hears its retry_after later than it was decided, so its
+    own retry runs out a little later). Without pace steering the check-ins are exactly the
+    eligible devices; with it, a device whose retry runs out early in the window may take the
+    place of a slow one among the last few. A sharded fleet's other devices are out of sight:
+    it keeps expected_checkins = 0.
     """
     if fleet.scenario is None or cfg.shard is not None or not devices:
         return
     policy = fleet.scenario.eligibility
-    now_eligible = deferred = 0
-    for d in devices:
-        if d.client.check_in_wait_s > 0:
-            deferred += 1
-        elif policy.check(d.platform.read(), training=False).eligible:
-            now_eligible += 1
-    agg.config = dataclasses.replace(agg.config, expected_checkins=max(now_eligible, 1) + deferred)
+    now_eligible = sum(1 for d in devices if d.client.check_in_wait_s <= 0
+                       and policy.check(d.platform.read(), training=False).eligible)
+    agg.config = dataclasses.replace(agg.config, expected_checkins=max(now_eligible, 1) + agg.steered_away_now())
 
 
 def _pick_users(task: Task, cfg: SimConfig) -> list[str]:
@@ -508,7 +544,7 @@ def _broker(cfg: SimConfig, stack: contextlib.ExitStack) -> BrokerAddress:
 
 def _start_devices(cfg: SimConfig, task: Task, users: list[str], pool: InterpreterPool, public_key: object,
                    settings: MqttSettings, state_root: Path, executor: ThreadPoolExecutor,
-                   hub: MqttHub) -> list[DeviceClient]:
+                   hub: MqttHub, byzantine: ByzantineFleet | None = None) -> list[DeviceClient]:
     taken: set[str] = set()
     devices = []
     for user in users:
@@ -518,6 +554,7 @@ def _start_devices(cfg: SimConfig, task: Task, users: list[str], pool: Interpret
             DeviceConfig(fleet=cfg.fleet, device_id=device_id, mqtt=settings, seed=cfg.seed, platform_name="sim"),
             pool, ArrayWindows(data.train_x, data.train_y), ModelTrust(public_key, cfg.fleet, pool.bundle.model_id),
             residuals=ResidualStore(state_root / device_id), executor=executor, hub=hub,
+            **(byzantine.client_kwargs(len(devices), device_id) if byzantine is not None else {}),
         )
         device.start()
         devices.append(SimDevice(device_id, device, len(devices)))
@@ -526,13 +563,15 @@ def _start_devices(cfg: SimConfig, task: Task, users: list[str], pool: Interpret
 
 def _start_fleet(cfg: SimConfig, fleet: _Fleet, task: Task, users: list[str], pool: InterpreterPool,
                  public_key: object, settings: MqttSettings, state_root: Path, executor: ThreadPoolExecutor,
-                 hub: MqttHub) -> list[SimDevice]:
+                 hub: MqttHub, byzantine: ByzantineFleet | None = None) -> list[SimDevice]:
     """One DeviceClient per scenario device (of this shard), each with its simulated platform."""
     from device_sim.sim_platform import ClientAdapter
 
     sc, clock, recorder = fleet.scenario, fleet.clock, fleet.recorder
     assignment = sc.corpus.assign_users(users, sc.fleet.devices, seed=sc.seed)
     platforms = sc.make_platforms(clock, shard_of=cfg.shard)
+    for platform in platforms:  # draw today's charging, usage and link timelines now, not in round 1
+        platform.read()
     devices = []
     windows_of: dict[tuple[str, ...], ArrayWindows] = {}
     for platform in platforms:
@@ -550,12 +589,21 @@ def _start_fleet(cfg: SimConfig, fleet: _Fleet, task: Task, users: list[str], po
                          platform_name=platform.kind),
             pool, windows, ModelTrust(public_key, cfg.fleet, pool.bundle.model_id),
             residuals=ResidualStore(state_root / device_id), executor=executor, hub=hub,  # on disk: not per-device RAM
-            eligibility=adapter.eligibility, on_event=_chain(fleet.gate.on_event, adapter.on_event, recorder.on_event),
-            before_send=_radio(adapter, clock),
+            eligibility=adapter.eligibility, before_send=_radio(adapter, clock),
+            **_byzantine_or_honest(byzantine, platform.index, device_id,
+                                   _chain(fleet.gate.on_event, adapter.on_event, recorder.on_event)),
         )
         device.start()
         devices.append(SimDevice(device_id, device, platform.index, platform, adapter))
     return devices
+
+
+def _byzantine_or_honest(byzantine: ByzantineFleet | None, index: int, device_id: str,
+                         on_event: Callable[[str, dict], None]) -> dict[str, Any]:
+    """DeviceClient kwargs: `on_event`, plus the corrupting hook if the device is Byzantine."""
+    if byzantine is None:
+        return {"on_event": on_event}
+    return byzantine.client_kwargs(index, device_id, on_event=on_event)
 
 
 def _chain(*handlers: Callable[[str, dict], None]) -> Callable[[str, dict], None]:
@@ -703,7 +751,8 @@ def _report(cfg: SimConfig, corpus_name: str, task: Task, bundle, per_round: lis
         "per_round": [
             {k: r[k] for k in ("round", "top1", "top3", "uplink_bytes", "downlink_bytes", "wall_s", "participants",
                                "dropped", "checkins", "train_loss", "rejected", "committed", "cohort", "pool_busy_s",
-                               "round_wall_s", "pool_size", "sim_end_s", "privacy") if k in r and r[k] != {}}
+                               "round_wall_s", "pool_size", "idle_by_phase", "sim_end_s", "privacy", "secagg")
+                if k in r and r[k] != {}}
             for r in per_round
         ],
         "uplink_bytes_total": uplink,

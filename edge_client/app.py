@@ -487,7 +487,7 @@ class ClientApp:
                                after_release=trim_heap)
         device = DeviceClient(
             DeviceConfig(fleet=cfg.device.fleet, device_id=cfg.device.id, mqtt=cfg.mqtt_settings(),
-                         keep_model=True, platform_name="linux"),
+                         keep_model=True, platform_name="linux", local_dp=cfg.privacy.local_dp),
             pool, windows, self.trust, residuals=ResidualStore(self.state_dir),
             outbox=Outbox(self.state_dir / "outbox"), eligibility=self.gate, on_event=self._on_event,
         )

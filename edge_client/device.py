@@ -20,11 +20,14 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.client import CallbackAPIVersion
 
+from edge_client.local_dp import LocalDPConfig, privatize_update
 from edge_client.mqtt_hub import MqttHub
 from edge_client.outbox import Outbox
 from edge_client.residuals import ResidualStore
+from edge_client.secure_update import SecureUpdate
 from edge_client.trainer import InterpreterPool, TrainSettings, WindowSource, train_round
 from protocol.codec import parse_codec
+from protocol.codec.pipeline import Codec, EncodeResult
 from protocol.envelope import DEFAULT_MAX_PAYLOAD, Envelope, Kind, decode_envelope
 from protocol.errors import ProtocolError, Reason, TrustError
 from protocol.messages import Ack, Assignment, CheckIn, RoundPlan, UpdateMeta, to_dict
@@ -49,6 +52,7 @@ class DeviceConfig:
     keep_model: bool = False          # keep the global weights between rounds (real devices)
     max_payload: int = DEFAULT_MAX_PAYLOAD
     platform_name: str = "linux"
+    local_dp: LocalDPConfig | None = None  # the owner's local DP (client.toml [privacy]); None = off
 
 
 @dataclass
@@ -64,6 +68,7 @@ class DeviceStats:
     uplink_bytes: int = 0
     downlink_bytes: int = 0
     models_refused: int = 0
+    local_dp_releases: int = 0  # updates sent with local DP noise (epsilon composes over them)
     train_steps: int = 0
     train_s: float = 0.0
     connects: int = 0
@@ -79,6 +84,14 @@ BeforeSend = Callable[[int, int], tuple[bool, float, str]]
 Not ok: the upload is lost (`cause`, e.g. "upload_lost"), nothing is published and the round
 counts as abandoned. Ok: the update is published after `delay_wall_s` wall seconds (the time
 the simulated link takes), from a timer rather than by sleeping on the training executor.
+"""
+
+UpdateTransform = Callable[[int, np.ndarray, Codec], "np.ndarray | bytes"]
+"""`update_transform(round_id, delta, codec)` -> the delta to encode, or the payload to send as is.
+
+A simulator's fault-injection hook on the real update just before it is encoded (Byzantine
+devices: scaled, sign-flipped or NaN updates). Returning bytes skips the encoder (and error
+feedback), so a payload the honest encoder would refuse can still reach the aggregator.
 """
 
 
@@ -99,6 +112,7 @@ class DeviceClient:
         hub: MqttHub | None = None,
         on_event: Callable[[str, dict], None] | None = None,
         before_send: BeforeSend | None = None,
+        update_transform: UpdateTransform | None = None,
     ) -> None:
         self.config = config
         self.topics = FleetTopics(config.fleet)
@@ -115,6 +129,7 @@ class DeviceClient:
         self._own_hub = hub is None
         self._on_event = on_event
         self._before_send = before_send
+        self._update_transform = update_transform
         self._lock = threading.RLock()
         self._plan: RoundPlan | None = None
         self._plan_at = 0.0
@@ -126,6 +141,7 @@ class DeviceClient:
         self._retry_at = 0.0                   # pace steering: no check-in before this (monotonic)
         self._model_version = -1
         self._weights: np.ndarray | None = None
+        self._secure: SecureUpdate | None = None  # the secure-aggregation round in progress
         self._stopped = threading.Event()
         self.ready = threading.Event()  # set once connected and subscribed
         self._dim = int(pool.bundle.initial_weights.size)
@@ -182,7 +198,8 @@ class DeviceClient:
             return
         self.stats.connects += 1
         me = self.config.device_id
-        subs = [(self.topics.round, 1), (self.topics.assign(me), 1), (self.topics.ack(me), 1)]
+        subs = [(self.topics.round, 1), (self.topics.assign(me), 1), (self.topics.ack(me), 1),
+                (self.topics.secagg_roster, 1), (self.topics.secagg_unmask, 1), (self.topics.secagg_down(me), 1)]
         with self._lock:
             if self._fetching_model:
                 subs.append((self._fetch_topic or self.topics.model, 1))
@@ -209,6 +226,9 @@ class DeviceClient:
                 self._handle_assignment(decode_envelope(msg.payload, expect=Kind.ASSIGN))
             elif msg.topic == self.topics.ack(self.config.device_id):
                 self._handle_ack(decode_envelope(msg.payload, expect=Kind.ACK))
+            elif msg.topic in (self.topics.secagg_roster, self.topics.secagg_unmask,
+                               self.topics.secagg_down(self.config.device_id)):
+                self._handle_secagg(msg.topic, msg.payload)
         except ProtocolError as exc:
             if msg.topic in (self.topics.model, self.topics.model_delta):
                 self.stats.models_refused += 1
@@ -272,6 +292,8 @@ class DeviceClient:
                 self._fetching_model = True
                 self._fetch_topic = self.topics.model_delta if use_delta else self.topics.model
         self._event("selected", round=plan.round_id)
+        if plan.secure_aggregation:
+            self._start_secure(plan)
         if have_model:
             self._start_training(plan)
         elif use_delta:
@@ -471,9 +493,18 @@ class DeviceClient:
             self._release_model()
             return
         delta = np.subtract(local.weights, weights, out=local.weights)  # in place: one model copy less
+        if self.config.local_dp is not None:
+            delta = self._privatize(delta)
+        if plan.secure_aggregation:  # the update leaves the device only masked (edge_client/secure_update.py)
+            self._hand_over_secure(plan, delta, local.result.examples)
+            return
         codec = parse_codec(plan.codec)
-        residual = self.residuals.load(self._dim) if codec.uses_error_feedback else None
-        encoded = codec.encode(delta, residual=residual, rng=np.random.default_rng(seed + 1))
+        forged = self._update_transform(plan.round_id, delta, codec) if self._update_transform else delta
+        if isinstance(forged, np.ndarray):
+            residual = self.residuals.load(self._dim) if codec.uses_error_feedback else None
+            encoded = codec.encode(forged, residual=residual, rng=np.random.default_rng(seed + 1))
+        else:
+            encoded = EncodeResult(bytes(forged), None)
         meta = UpdateMeta(train_loss=local.result.mean_loss, first_loss=local.result.first_loss,
                           steps=local.result.steps, train_s=round(local.train_s, 4),
                           residual_norm=float(np.linalg.norm(encoded.residual)) if encoded.residual is not None else 0.0)
@@ -536,7 +567,7 @@ class DeviceClient:
         """After a (re)connect: re-send what is still useful, drop what missed its round."""
         assert self.outbox is not None
         for item in self.outbox.pending():
-            if item.expired():
+            if self.outbox.expired(item):
                 self.outbox.drop(item.id, f"round {item.round_id} deadline passed before it could be sent")
                 continue
             log.info("%s: re-sending the update for round %d from the outbox", self.config.device_id, item.round_id)
@@ -546,6 +577,84 @@ class DeviceClient:
         if not self.config.keep_model:
             with self._lock:
                 self._weights = None
+
+    # ---- secure aggregation (edge_client/secure_update.py) ------------------------------------
+    def _start_secure(self, plan: RoundPlan) -> None:
+        secure = SecureUpdate(self.config.fleet, self.config.device_id, plan.round_id, self._dim,
+                              update_clip=plan.update_clip, weighted=plan.secure_weighted)
+        with self._lock:
+            self._secure = secure
+        self._send_secagg(secure.advertise())
+
+    def _handle_secagg(self, topic: str, payload: bytes) -> None:
+        self.stats.downlink_bytes += len(payload)
+        with self._lock:
+            secure = self._secure
+        if secure is None:
+            return  # e.g. the retained roster of a round this device is not in
+        if topic == self.topics.secagg_roster:
+            self._send_secagg(secure.on_roster(payload))
+        elif topic == self.topics.secagg_unmask:
+            self._send_secagg(secure.on_unmask(payload))
+        elif secure.on_bundle(payload):  # the delta was ready first: mask off the MQTT thread
+            threading.Thread(target=self._send_masked, args=(secure,), daemon=True,
+                             name=f"mask-{self.config.device_id}").start()
+
+    def _privatize(self, delta: np.ndarray) -> np.ndarray:
+        """Clip and noise the update before anything else sees it (codec, masks, outbox).
+
+        The generator is seeded by the OS, never from `hash_seed`: the aggregator knows every
+        input of that seed and could subtract the noise.
+        """
+        cfg = self.config.local_dp
+        assert cfg is not None
+        result = privatize_update(delta, cfg, np.random.default_rng())
+        self.stats.local_dp_releases += 1
+        log.info("%s: local DP: update norm %.3g clipped to %.3g, noise sigma %.3g; epsilon %.3g after %d "
+                 "update(s) at delta %g", self.config.device_id, result.norm, cfg.clip, result.sigma,
+                 cfg.epsilon_after(self.stats.local_dp_releases), self.stats.local_dp_releases,
+                 cfg.delta if cfg.delta is not None else 1e-5)
+        return result.update
+
+    def _hand_over_secure(self, plan: RoundPlan, delta: np.ndarray, examples: int) -> None:
+        with self._lock:
+            secure = self._secure if self._secure is not None and self._secure.round_id == plan.round_id else None
+        self._release_model()
+        if secure is None:
+            log.warning("%s: round %d is secure but its key exchange never started; nothing sent",
+                        self.config.device_id, plan.round_id)
+            self.stats.rounds_abandoned += 1
+            return
+        self.stats.rounds_trained += 1
+        if secure.set_update(delta, weight=float(examples)):
+            self._send_masked(secure)
+
+    def _send_masked(self, secure: SecureUpdate) -> None:
+        data = secure.masked_input()
+        if data is None:
+            return
+        if self._before_send is not None:
+            ok, delay_s, cause = self._before_send(secure.round_id, len(data))
+            if not ok:  # lost upload: the server recovers this device's masks from its peers' shares
+                self.stats.rounds_abandoned += 1
+                self._event("abandoned", round=secure.round_id, reasons=[cause or "upload_lost"])
+                return
+            if delay_s > 0:  # the simulated link is slower than the real one: publish when it would be through
+                timer = threading.Timer(delay_s, self._send_secagg, args=(data,), kwargs={"count_update": True})
+                timer.daemon = True
+                timer.start()
+                self._event("sent", round=secure.round_id, bytes=len(data))
+                return
+        self._send_secagg(data, count_update=True)
+        self._event("sent", round=secure.round_id, bytes=len(data))
+
+    def _send_secagg(self, data: bytes | None, *, count_update: bool = False) -> None:
+        if data is None or self._stopped.is_set():
+            return
+        self.stats.uplink_bytes += len(data)
+        if count_update:
+            self.stats.updates_sent += 1
+        self._client.publish(self.topics.secagg_up(self.config.device_id), data, qos=1)
 
     def _handle_ack(self, env: Envelope) -> None:
         ack = Ack.from_envelope(env)

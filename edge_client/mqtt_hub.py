@@ -177,6 +177,14 @@ class MqttHub:
             self._connect_due(now)
 
     def _drain_ops(self) -> None:
+        # Wake bytes first, then the queue: an op queued after this point writes a new wake
+        # byte, so it is never stranded; draining the socket only after an empty queue left
+        # it readable for ever and spun the loop at 100 % CPU.
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
         while True:
             try:
                 fn, args = self._ops.get_nowait()
@@ -186,11 +194,6 @@ class MqttHub:
                 fn(*args)
             except Exception:
                 log.exception("%s: hub operation %s failed", self.name, getattr(fn, "__name__", fn))
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
 
     def _next_timer(self, now: float) -> float:
         pending = [c.next_try for c in self._conns.values() if c.sock is None and c.next_try]

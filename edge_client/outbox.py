@@ -105,6 +105,9 @@ class Outbox:
         self.max_items = max_items
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        # item id -> deadline on the monotonic clock, for items put by this process: a wall clock that
+        # jumps (NTP, a dead RTC battery, the user) must not expire an update whose round is still open
+        self._monotonic_deadline: dict[str, float] = {}
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         for leftover in self.directory.glob(".*.tmp"):  # a crash mid-write: never renamed, never valid
             log.info("outbox: removing unfinished write %s", leftover.name)
@@ -126,6 +129,7 @@ class Outbox:
         with self._lock:
             self._write_atomic(item_id, blob)
             self._evict_locked(keep=item_id)
+            self._monotonic_deadline[item_id] = time.monotonic() + (float(deadline_unix) - created)
         log.debug("outbox: stored %s (round %d, %d bytes)", item_id, round_id, len(data))
         return item_id
 
@@ -166,6 +170,7 @@ class Outbox:
             log.warning("outbox: evicting %s (%d bytes): over the limit of %d items / %d bytes",
                         item_id, size, self.max_items, self.max_bytes)
             self._path(item_id).unlink(missing_ok=True)
+            self._monotonic_deadline.pop(item_id, None)
             count -= 1
             total -= size
 
@@ -196,16 +201,26 @@ class Outbox:
             return sum(size for _, size in self._files_locked())
 
     # -- removal -----------------------------------------------------------------------------
+    def expired(self, item: OutboxItem) -> bool:
+        """Whether `item`'s round deadline has passed: on the monotonic clock for items this
+        process stored (immune to wall-clock jumps), on the wall clock for items found on disk
+        after a restart (the only clock that survives one; a wrong guess there costs one refused
+        re-send, since the aggregator judges rounds on its own clock)."""
+        deadline = self._monotonic_deadline.get(item.id)
+        return item.expired() if deadline is None else time.monotonic() > deadline
+
     def mark_sent(self, item_id: str) -> None:
         """The broker acknowledged the item (PUBACK): forget it. Unknown ids are ignored."""
         with self._lock:
             self._path(item_id).unlink(missing_ok=True)
+            self._monotonic_deadline.pop(item_id, None)
         log.debug("outbox: %s acknowledged", item_id)
 
     def drop(self, item_id: str, reason: str) -> None:
         """Give up on an item (round closed, rejected...), saying why in the log."""
         with self._lock:
             self._path(item_id).unlink(missing_ok=True)
+            self._monotonic_deadline.pop(item_id, None)
         log.info("outbox: dropped %s: %s", item_id, reason)
 
     # -- helpers -----------------------------------------------------------------------------

@@ -56,6 +56,7 @@ class Kind(enum.IntEnum):
     STATUS = 8
     INFERENCE_MODEL = 9
     METRICS = 10
+    SECAGG = 11  # one secure-aggregation message (protocol/secagg) in the payload
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,8 @@ def decode_envelope(
     if meta_len:
         try:
             meta = json.loads(bytes(view[pos:pos + meta_len]).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise EnvelopeError(Reason.BAD_FIELD, f"metadata is not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, 4,300+ digit ints, deep nesting
+            raise EnvelopeError(Reason.BAD_FIELD, f"metadata is not valid JSON: {str(exc)[:200]}") from None
         if not isinstance(meta, dict):
             raise EnvelopeError(Reason.BAD_FIELD, "metadata must be a JSON object")
     pos += meta_len

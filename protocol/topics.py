@@ -91,6 +91,24 @@ class FleetTopics:
     def status(self, device: str) -> str:
         return f"{self.root}/status/{check_id('device', device)}"
 
+    # secure aggregation (aggregator/PRIVACY.md): device -> server on up/<device>, server -> one
+    # device on down/<device>, server -> the cohort on the retained roster and unmask topics
+    def secagg_up(self, device: str) -> str:
+        return f"{self.root}/secagg/up/{check_id('device', device)}"
+
+    def secagg_down(self, device: str) -> str:
+        return f"{self.root}/secagg/down/{check_id('device', device)}"
+
+    @property
+    def secagg_roster(self) -> str:
+        """Retained KeyRoster of the current secure round (it carries its round id)."""
+        return f"{self.root}/secagg/roster"
+
+    @property
+    def secagg_unmask(self) -> str:
+        """Retained UnmaskRequest of the current secure round."""
+        return f"{self.root}/secagg/unmask"
+
     # wildcard subscriptions of the aggregator
     @property
     def all_checkins(self) -> str:
@@ -103,6 +121,10 @@ class FleetTopics:
     @property
     def all_status(self) -> str:
         return f"{self.root}/status/+"
+
+    @property
+    def all_secagg_up(self) -> str:
+        return f"{self.root}/secagg/up/+"
 
     def device_of(self, topic: str) -> str:
         """The device id that is the last level of a per-device topic."""

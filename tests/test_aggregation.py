@@ -13,6 +13,7 @@ from aggregator.aggregation import (
     CapacityExceededError,
     ClippedAggregator,
     CoordinateMedian,
+    MedianNormClip,
     DuplicateUpdateError,
     EmptyAggregationError,
     PoisonedAggregatorError,
@@ -166,7 +167,7 @@ def test_adding_before_reset_says_to_call_reset():
         (np.zeros(DIM, np.float32), float("inf"), "weight"),
     ],
 )
-@pytest.mark.parametrize("spec", ["mean", "clip:1000|mean", "median"])
+@pytest.mark.parametrize("spec", ["mean", "clip:1000|mean", "median", "normclip:median*2|mean"])
 def test_bad_updates_are_refused_without_changing_the_aggregate(spec, delta, weight, message):
     agg = make_aggregator(spec)
     agg.reset(DIM)
@@ -177,7 +178,7 @@ def test_bad_updates_are_refused_without_changing_the_aggregate(spec, delta, wei
     np.testing.assert_array_equal(agg.result(), np.ones(DIM, np.float32))
 
 
-@pytest.mark.parametrize("spec", ["mean", "clip:1|mean", "trimmed:0.1", "median"])
+@pytest.mark.parametrize("spec", ["mean", "clip:1|mean", "trimmed:0.1", "median", "normclip:median*2|mean"])
 def test_a_client_is_counted_once_per_round(spec):
     agg = make_aggregator(spec)
     agg.reset(DIM)
@@ -193,7 +194,7 @@ def test_a_client_is_counted_once_per_round(spec):
 # --- checkpoints ------------------------------------------------------------------------
 
 ALL_SPECS = ["mean", "mean:float32", "clip:3|mean", "trimmed:0.2,12", "median:12", "clip:3|median:12",
-             "clip:5|clip:3|trimmed:0.1,12"]
+             "clip:5|clip:3|trimmed:0.1,12", "normclip:median*2,12|mean", "normclip:median*1.5,12|trimmed:0.1,12"]
 
 
 @pytest.mark.parametrize("spec", ALL_SPECS)
@@ -625,3 +626,107 @@ def test_constructors_validate_their_arguments():
         WeightedMean(np.int64)
     with pytest.raises(ValueError, match="dim"):
         WeightedMean().reset(0)
+
+
+# --- median-relative norm clipping ------------------------------------------------------
+
+
+def test_normclip_scales_only_updates_above_factor_times_median():
+    rng = np.random.default_rng(5)
+    norms = [1.0, 2.0, 3.0, 4.0, 50.0]  # median 3, bound 2 x 3 = 6: only the last is clipped
+    deltas = []
+    for n in norms:
+        d = rng.standard_normal(DIM).astype(np.float32)
+        deltas.append((d * np.float32(n / np.linalg.norm(d))).astype(np.float32))
+    weights = [10.0, 20.0, 30.0, 40.0, 50.0]
+    agg = make_aggregator("normclip:median*2|mean")
+    assert isinstance(agg, MedianNormClip) and agg.factor == 2.0
+    agg.reset(DIM)
+    _feed(agg, deltas, weights)
+    got = agg.result()
+    assert agg.bound == pytest.approx(6.0, rel=1e-5)
+    assert agg.clipped_ids == ("dev4",) and agg.clipped_count == 1
+    expected_rows = deltas[:4] + [deltas[4] * np.float32(agg.bound / l2_norm(deltas[4]))]
+    expected = np.average(np.stack(expected_rows).astype(np.float64), axis=0, weights=weights)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(agg.result(), got)  # result() is repeatable
+    assert agg.count == 5 and agg.total_weight == sum(weights)
+
+
+def test_normclip_bound_follows_the_honest_majority_not_the_attackers():
+    rng = np.random.default_rng(11)
+    dim = 1_000
+    direction = rng.standard_normal(dim).astype(np.float32)
+    honest = [direction + 0.3 * rng.standard_normal(dim).astype(np.float32) for _ in range(18)]
+    honest_mean = np.mean(np.stack(honest), axis=0)
+    errors, bounds = {}, {}
+    for factor in (-20.0, 20.0, -1e4):
+        bad = [factor * h for h in honest[:2]]  # 10 % scaled (and flipped) attackers
+        for spec in ("mean", "normclip:median*2|mean"):
+            agg = make_aggregator(spec)
+            agg.reset(dim)
+            for i, u in enumerate(honest + bad):
+                agg.add(u, 1.0, client_id=f"c{i}")
+            errors[spec, factor] = float(np.linalg.norm(agg.result() - honest_mean) / np.linalg.norm(honest_mean))
+            if isinstance(agg, MedianNormClip):
+                bounds[factor] = agg.bound
+                assert set(agg.clipped_ids) >= {"c18", "c19"}
+    assert len({round(b, 3) for b in bounds.values()}) == 1  # however big the attack, the bound is the same
+    for factor in (-20.0, 20.0, -1e4):
+        assert errors["mean", factor] > 1.0, errors
+        assert errors["normclip:median*2|mean", factor] < 0.5, errors
+
+
+def test_normclip_refuses_a_non_finite_update():
+    agg = make_aggregator("normclip:median*2|mean")
+    agg.reset(4)
+    with pytest.raises(ValueError, match="non-finite"):
+        agg.add(np.array([1.0, np.nan, 0.0, 0.0], np.float32), 1.0, client_id="x")
+    assert agg.count == 0 and not agg.contains("x")
+
+
+def test_normclip_decodes_through_the_scratch_buffer():
+    deltas, weights = _updates(5)
+    agg = make_aggregator("normclip:median*3|mean")
+    agg.reset(DIM)
+    assert agg.accumulator() is None  # a decoder must not write around the clipping
+    reference = make_aggregator("normclip:median*3|mean")
+    reference.reset(DIM)
+    for i, (d, w) in enumerate(zip(deltas, weights)):
+        agg.add_decoded_into(lambda acc, s, d=d: np.add(acc, s * d, out=acc), w, client_id=f"dev{i}")
+        reference.add(d, w, client_id=f"dev{i}")
+    np.testing.assert_array_equal(agg.result(), reference.result())
+
+
+def test_normclip_checkpoint_of_another_inner_aggregator_is_refused():
+    agg = make_aggregator("normclip:median*2|mean")
+    agg.reset(DIM)
+    agg.add(np.ones(DIM, np.float32), 1.0, client_id="a")
+    with pytest.raises(ValueError, match="checkpoint"):
+        make_aggregator("normclip:median*2|median").load_state(agg.state())
+    with pytest.raises(ValueError, match="checkpoint"):
+        make_aggregator("normclip:median*3|mean").load_state(agg.state())
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("normclip:median*2|mean", "normclip:median*2,100|mean"),
+    ("normclip:2.5|trimmed:0.1", "normclip:median*2.5,100|trimmed:0.1,100"),
+    ("normclip:median*2,20|clip:5|mean", "normclip:median*2,20|clip:5|mean"),
+])
+def test_normclip_specs_round_trip(spec, expected):
+    agg = make_aggregator(spec)
+    assert agg.spec == expected
+    assert make_aggregator(agg.spec).spec == expected
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ("normclip:median*2", "cannot be the last stage"),
+    ("normclip:median*0|mean", "must be finite and > 0"),
+    ("normclip:median*x|mean", "is not a number"),
+    ("normclip|mean", "multiple of the median norm"),
+    ("normclip:median*2,0|mean", "max_updates must be >= 1"),
+])
+def test_normclip_bad_specs_name_the_problem(spec, problem):
+    with pytest.raises(ValueError) as info:
+        make_aggregator(spec)
+    assert problem in str(info.value)

@@ -67,6 +67,34 @@ downlink_delta = "q8"
         parse(["aggregator", "--key", "k"])
 
 
+# -- found by bench/fuzz_campaign.py: each of these was a TypeError, AttributeError,
+# UnicodeDecodeError or RecursionError naming nothing ------------------------------------------------
+@pytest.mark.parametrize("text, match", [
+    ("[aggregator]\nbundle='b'\nkey='k'\nclients_per_round = 'x'\n", "clients_per_round: expected an integer"),
+    ("[aggregator]\nbundle='b'\nkey='k'\nover_selection = '2'\n", "over_selection: expected a number"),
+    ("[aggregator]\nbundle='b'\nkey='k'\nserver_options = 3\n", "server_options: expected a string"),
+    ("[aggregator]\nbundle=5\nkey='k'\n", r"\[aggregator\] bundle: expected a path"),
+    ("[aggregator]\nbundle='b'\nkey='k'\nrounds = inf\n", r"\[aggregator\] rounds: expected an integer"),
+    ("[aggregator]\nbundle='b'\nkey='k'\n[broker]\nkeepalive_s = '30'\n", r"\[broker\] keepalive_s"),
+    ("aggregator = 3\n", "aggregator must be a table"),
+    ("[aggregator]\nbundle='b'\nkey='k'\ndownlink = 'zz'\n", "downlink: codec spec 'zz'"),
+    ("[aggregator]\nbundle='b'\nkey='k'\nserver_lr = -1.0\n", "server_lr -1.0"),
+    ("deep = " + "[" * 50_000 + "]" * 50_000 + "\n", "not valid TOML"),
+])
+def test_wrong_types_and_broken_toml_are_value_errors_naming_the_key(tmp_path, text, match):
+    (tmp_path / "agg.toml").write_text(text)
+    with pytest.raises(ValueError, match=match) as info:
+        parse(["aggregator", "--config", str(tmp_path / "agg.toml")])
+    assert type(info.value).__name__ in ("ValueError", "CodecError")
+
+
+def test_a_config_that_is_not_utf8_is_a_value_error(tmp_path):
+    (tmp_path / "agg.toml").write_bytes(b"[aggregator]\nfleet = '\xff'\n")
+    with pytest.raises(ValueError, match="not UTF-8") as info:
+        parse(["aggregator", "--config", str(tmp_path / "agg.toml")])
+    assert not isinstance(info.value, UnicodeError)
+
+
 def test_fedprox_and_server_optimizer_flags_reach_the_config():
     service = parse(["aggregator", "--bundle", "b.fbz", "--key", "k", "--mu", "0.5", "--server-optimizer", "fedyogi",
                      "--server-options", "tau=0.01,beta2=0.9", "--aggregation", "clip:5|mean"])

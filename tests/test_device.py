@@ -404,3 +404,34 @@ def test_forged_unsigned_tampered_and_replayed_models_are_refused(stack, bundle,
     time.sleep(0.3)
     assert device.stats.train_steps == steps and device.stats.rounds_trained == 2 and device.trust.last_version == 1
 
+
+
+# -- local DP ---------------------------------------------------------------------------------------------
+def test_local_dp_noises_the_update_before_it_leaves_the_device(stack, bundle, keys, amqtt, tmp_path):
+    """What reaches the aggregator is the clipped update plus N(0, sigma^2) per coordinate: with
+    FedAvg (server lr 1) and one device, the model moves by exactly what the device sent."""
+    from edge_client.local_dp import LocalDPConfig
+
+    private_key, public_key = keys
+    settings = settings_for(amqtt.address.port, 3)
+    agg = start_aggregator(stack, bundle, settings, private_key, "ldp", codec="f32", server_optimizer="fedavg",
+                           server_lr=1.0)
+    before = agg.weights.copy()
+    cfg = LocalDPConfig(clip=0.01, noise_multiplier=5.0)  # sigma 0.05 per coordinate
+    store = TextStore(tmp_path / "texts.db")
+    store.add_many(KEYBOARD * 5)
+    stack.callback(store.close)
+    windows = StoreWindows(store, Vocabulary.from_json(bundle.vocab_json), bundle.config.seq_len)
+    device = DeviceClient(DeviceConfig(fleet="ldp", device_id=DEVICE, mqtt=settings, local_dp=cfg),
+                          InterpreterPool(bundle), windows, ModelTrust(public_key, "ldp", bundle.model_id),
+                          residuals=ResidualStore(tmp_path))
+    stack.callback(device.stop)
+    device.start()
+    assert device.ready.wait(20)
+
+    result = agg.run_round()
+    assert result.committed and device.stats.local_dp_releases == 1
+    moved = agg.weights - before
+    expected_norm = cfg.sigma * np.sqrt(moved.size)  # the noise; the clipped signal adds at most 0.01
+    assert abs(np.linalg.norm(moved) - expected_norm) < 0.05 * expected_norm + cfg.clip
+    assert abs(float(moved.std()) - cfg.sigma) < 0.05 * cfg.sigma

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from device_sim.round_profile import PHASE_NAMES
 from device_sim.simulate import SimConfig, config_from_scenario, parse_shard, run_simulation
 from edge_client.platform import NetworkType
 
@@ -63,6 +64,10 @@ def test_scenario_run_reports_the_fleet(tmp_path, cache_dir):
     # the window closed once the 8 eligible devices checked in, not after its 10 wall seconds
     assert all(r["round_wall_s"] < 9.0 for r in report["per_round"])
     assert 0.0 < report["per_round"][0]["pool_busy_s"] <= report["per_round"][0]["round_wall_s"] * 2
+    for r in report["per_round"]:  # the idle interpreter time, split by phase, adds up to the whole
+        idle = r["pool_size"] * r["round_wall_s"] - r["pool_busy_s"]
+        assert sum(r["idle_by_phase"].values()) == pytest.approx(idle, abs=1e-3)
+        assert list(r["idle_by_phase"]) == list(PHASE_NAMES) and min(r["idle_by_phase"].values()) >= 0.0
     assert fleet["uplink_bytes_per_device"]["all"]["total"] > 0
     out = tmp_path / "out"
     assert (out / "report.json").exists() and (out / "accuracy.png").exists()

@@ -41,3 +41,21 @@ def test_plan_disagreeing_with_envelope_round_refused():
     forged = type(env)(**{**env.__dict__, "round": 4})
     with pytest.raises(EnvelopeError, match="disagrees"):
         RoundPlan.from_envelope(forged)
+
+
+# -- found by bench/fuzz_campaign.py ---------------------------------------------------------------
+def test_an_integer_beyond_float_range_in_a_float_field_is_refused_not_an_overflow():
+    data = {"round_id": 1, "accepted": True}
+    plan = RoundPlan(3, 2, "m", "q8", 20, 5.0, 60.0).__dict__
+    with pytest.raises(EnvelopeError, match="lr: <an integer of"):
+        from_dict(RoundPlan, {**plan, "lr": 10**400})
+    assert from_dict(Ack, data).accepted is True
+
+
+def test_a_deeply_nested_value_gives_a_short_error_message():
+    deep: object = 0
+    for _ in range(900):
+        deep = [deep]
+    with pytest.raises(EnvelopeError) as info:
+        from_dict(CheckIn, {"round_id": 1, "model_version": 0, "train_examples": 5, "platform": deep})
+    assert len(str(info.value)) < 200

@@ -49,3 +49,13 @@ def test_dp_fedavg_epsilon_lands_in_the_report(tmp_path, cache_dir):
     eps = [row["privacy"]["epsilon"] for row in report["per_round"]]
     assert len(eps) == 2 and 0 < eps[0] < eps[1]  # epsilon grows with every DP round
     assert report["per_round"][0]["privacy"]["noise_multiplier"] == 1.0
+    assert report["per_round"][0]["privacy"]["delta"] == pytest.approx(1 / 60)  # default: 1 / (10 x 6 devices)
+
+
+def test_dp_delta_is_the_users_choice(tmp_path, cache_dir):
+    """A smaller delta costs a larger epsilon for the same noise: the flag reaches the accountant."""
+    common = dict(aggregation="dp:clip=0.5,noise=1.0,expected=3", over_selection=1.0, rounds=1)
+    loose = run_simulation(SimConfig(out=str(tmp_path / "a"), **{**TINY, **common}, dp_delta=1e-2))
+    strict = run_simulation(SimConfig(out=str(tmp_path / "b"), **{**TINY, **common}, dp_delta=1e-6))
+    assert strict["per_round"][0]["privacy"]["delta"] == 1e-6
+    assert strict["per_round"][0]["privacy"]["epsilon"] > loose["per_round"][0]["privacy"]["epsilon"]
