@@ -10,7 +10,6 @@ aggregator run by this test, and `fedboard predict` answers from the model the c
 Every module either process imported must come from the edge closure, the standard library
 or the project.
 """
-import importlib.util
 import json
 import os
 import signal
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from benchkit import load_bench
+
 ROOT = Path(__file__).resolve().parents[1]
 OUTSIDE_EDGE = ("tensorflow", "keras", "tf_keras", "amqtt", "matplotlib", "prometheus_client", "h5py", "scipy")
 # The wheel's packages (`fedboard[edge]` installs all of them; only their dependencies differ).
@@ -32,15 +33,7 @@ KEYBOARD = ["i am going to the park", "see you at the station at six", "we are a
             "can you call me later", "the cat is on the sofa", "thanks for the lovely dinner"]
 
 
-def _load_size_module():
-    spec = importlib.util.spec_from_file_location("edge_install_size", ROOT / "bench" / "edge_install_size.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-sizes = _load_size_module()
+sizes = load_bench("edge_install_size")
 
 
 def build_edge_venv(directory: Path) -> tuple[Path, Path, set[str]]:

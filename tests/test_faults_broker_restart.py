@@ -6,28 +6,21 @@ that has no session of its, publishes the retained bundle, model and round again
 device installed after the crash found no bundle to bootstrap from until the aggregator was
 restarted). Then the soak run: rounds finish, no accepted update lost or doubled.
 """
-import importlib.util
-import sys
 import threading
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+
+from benchkit import load_bench
 
 from aggregator_testkit import fake_bundle, keypair, wait_until
 from device_sim.mosquitto import MosquittoBroker
 from protocol.topics import FleetTopics
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _soak():
-    if "soak_faults" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("soak_faults", ROOT / "bench" / "soak_faults.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["soak_faults"] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules["soak_faults"]
+    return load_bench("soak_faults")
 
 
 def _retained(port: int, topics: list[str], timeout_s: float) -> set[str]:

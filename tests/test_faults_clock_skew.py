@@ -7,25 +7,18 @@ whose round was still open. Regression test first, then the real thing: three de
 processes whose `time.time()` is shifted, one of them cut mid-upload every round so its outbox
 must decide whether to re-send, in rounds that need every device.
 """
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from benchkit import load_bench
+
 from edge_client.outbox import Outbox
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _soak():
-    if "soak_faults" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("soak_faults", ROOT / "bench" / "soak_faults.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["soak_faults"] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules["soak_faults"]
+    return load_bench("soak_faults")
 
 
 def test_outbox_expiry_ignores_wall_clock_jumps_for_items_it_stored(tmp_path, monkeypatch):

@@ -5,22 +5,15 @@ proxy in front of the broker forwards half of the PUBLISH and closes both sides.
 goal (8 of a cohort of 10, 3 cut) cannot be met without re-sent updates, so this also shows
 that a device re-sends after reconnecting and the aggregator counts it once.
 """
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchkit import load_bench
+
 
 
 def _soak():
-    if "soak_faults" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("soak_faults", ROOT / "bench" / "soak_faults.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["soak_faults"] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules["soak_faults"]
+    return load_bench("soak_faults")
 
 
 @pytest.mark.mosquitto
