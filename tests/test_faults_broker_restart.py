@@ -77,5 +77,7 @@ def test_broker_sigkill_and_sigterm_mid_round_lose_no_accepted_update(tmp_path, 
     assert [f.kind for f in faults] == ["broker-sigkill", "broker-sigterm"]
     assert inv.last_round == 4 and inv.final_version == 4 and inv.committed_rounds == 4
     assert inv.updates_lost == 0 and inv.duplicates == 0 and inv.version_gaps == 0 and inv.conflicting_versions == 0
-    # the two device apps restarted after the SIGKILL (no model in memory) took part again
-    assert sum("accepted in rounds [" in n and "accepted in rounds []" not in n for n in notes) == 2, notes
+    # the two device apps restarted after the SIGKILL (no model in memory) bootstrapped from the
+    # retained state and checked in again (being selected again is chance)
+    assert sum("checked in again in rounds [" in n and "checked in again in rounds []" not in n
+               for n in notes) == 2, notes
