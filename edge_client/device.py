@@ -25,6 +25,7 @@ from edge_client.mqtt_hub import MqttHub
 from edge_client.outbox import Outbox
 from edge_client.residuals import ResidualStore
 from edge_client.secure_update import SecureUpdate
+from edge_client.timers import call_later
 from edge_client.trainer import InterpreterPool, TrainSettings, WindowSource, train_round
 from protocol.codec import parse_codec
 from protocol.codec.pipeline import Codec, EncodeResult
@@ -313,9 +314,7 @@ class DeviceClient:
         window_left = plan.checkin_window_s - (time.monotonic() - self._plan_at)
         if wait_s >= window_left:
             return
-        timer = threading.Timer(wait_s, self._retry_check_in, args=(plan,))
-        timer.daemon = True
-        timer.start()
+        call_later(wait_s, self._retry_check_in, plan)  # one shared thread, not a thread per device
 
     def _retry_check_in(self, plan: RoundPlan) -> None:
         with self._lock:
@@ -327,9 +326,7 @@ class DeviceClient:
     def _fetch_delta(self, plan: RoundPlan) -> None:
         self._client.message_callback_add(self.topics.model_delta, self._on_delta_message)
         self._client.subscribe(self.topics.model_delta, 1)
-        timer = threading.Timer(DELTA_WAIT_S, self._delta_timeout, args=(plan,))
-        timer.daemon = True
-        timer.start()
+        call_later(DELTA_WAIT_S, self._delta_timeout, plan)
 
     def _delta_timeout(self, plan: RoundPlan) -> None:
         with self._lock:
