@@ -6,8 +6,9 @@ weighted by example count) flow into one `UpdateAggregator`; at the end of the r
 
 Why streaming: a round can take hundreds of updates of 3 MB each; `WeightedMean` keeps only
 a running weighted sum, so its memory does not grow with the number of updates. The robust
-statistics (`TrimmedMean`, `CoordinateMedian`) cannot stream and must buffer every update;
-their buffer is bounded by ``max_updates`` and overflowing it is an explicit error.
+statistics (`TrimmedMean`, `CoordinateMedian`) and the robust wrappers that need the whole
+round before deciding (`MedianNormClip`, `MultiKrum`) cannot stream and must buffer every
+update; their buffer is bounded by ``max_updates`` and overflowing it is an explicit error.
 
 Why layers (as in TensorFlow Federated's aggregation factories): clipping is a wrapper around
 any aggregator rather than a flag of each one, and presets are spec strings
@@ -59,9 +60,10 @@ SPEC_HELP = (
     "stages separated by '|', wrappers first and exactly one aggregator last: "
     "'clip:MAX_NORM' (wrapper), 'mean' or 'mean:float32', 'trimmed:FRACTION[,MAX_UPDATES]', "
     "'median[:MAX_UPDATES]'; 'normclip:median*K[,MAX_UPDATES]' (wrapper: clip to K times the round's "
-    "median norm); 'krum:f=F[,m=M][,MAX_UPDATES]' (wrapper: multi-Krum, keep the m (default n - f) "
-    "updates nearest their n - f - 2 neighbours); e.g. 'mean', 'clip:10|mean', 'trimmed:0.1', "
-    "'clip:5|median:50', 'normclip:median*2|mean', 'krum:f=2|mean'"
+    "median norm); 'krum:f=F[,m=M][,cosine][,MAX_UPDATES]' (wrapper: multi-Krum, keep the m "
+    "(default n - f) updates nearest their n - f - 2 neighbours; 'cosine': by direction only); "
+    "e.g. 'mean', 'clip:10|mean', 'trimmed:0.1', 'clip:5|median:50', 'normclip:median*2|mean', "
+    "'krum:f=2|mean', 'normclip:median*2|krum:f=2,cosine|mean'"
 )
 
 
@@ -1050,12 +1052,19 @@ class MultiKrum(_BufferingAggregator):
     are accumulated block by block in float64 (a Gram matrix per block), so the temporaries
     stay a few MB whatever the model size. `selected_ids` / `dropped_ids` / `scores` describe
     the last `result()`.
+
+    ``cosine=True`` (spec ``krum:f=2,cosine``) scores directions only: the distance of two
+    updates is ``2 - 2 cos(angle)``, as if both had norm 1. Why: with Euclidean distances
+    small updates (clients with little data) sit near the origin and near each other whatever
+    their direction, so a sign-flipped small update scores as well as an honest one and large
+    honest updates are dropped instead. Magnitude is then left to a norm bound in front
+    (``normclip:median*2|krum:f=2,cosine|mean``).
     """
 
     kind = "krum"
 
     def __init__(self, inner: UpdateAggregator, f: int, m: int | None = None,
-                 max_updates: int = DEFAULT_MAX_UPDATES) -> None:
+                 max_updates: int = DEFAULT_MAX_UPDATES, *, cosine: bool = False) -> None:
         super().__init__(max_updates)
         if not isinstance(inner, UpdateAggregator):
             raise ValueError(f"inner must be an UpdateAggregator, got {type(inner).__name__}")
@@ -1066,6 +1075,7 @@ class MultiKrum(_BufferingAggregator):
         self.inner = inner
         self.f = int(f)
         self.m = None if m is None else int(m)
+        self.cosine = bool(cosine)
         self._selected_ids: tuple[str, ...] = ()
         self._dropped_ids: tuple[str, ...] = ()
         self._scores: dict[str, float] = {}
@@ -1076,10 +1086,12 @@ class MultiKrum(_BufferingAggregator):
 
     def _spec_with(self, max_updates: int) -> str:
         keep = "" if self.m is None else f",m={self.m}"
-        return f"krum:f={self.f}{keep},{max_updates}|{self.inner.spec}"
+        cosine = ",cosine" if self.cosine else ""
+        return f"krum:f={self.f}{keep}{cosine},{max_updates}|{self.inner.spec}"
 
     def _config(self) -> dict[str, float]:
-        return {"f": float(self.f), "m": float(-1 if self.m is None else self.m)}
+        return {"f": float(self.f), "m": float(-1 if self.m is None else self.m),
+                "cosine": float(self.cosine)}
 
     @property
     def selected_ids(self) -> tuple[str, ...]:
@@ -1126,7 +1138,9 @@ class MultiKrum(_BufferingAggregator):
         super().add(delta, weight, client_id=client_id)
 
     def pairwise_sq_distances(self) -> np.ndarray:
-        """(n, n) float64 squared L2 distances between the buffered updates."""
+        """(n, n) float64 squared L2 distances between the buffered updates (between their
+        unit vectors, ``2 - 2 cos``, with ``cosine``; a zero update stays at the origin, at
+        distance 1 from every direction)."""
         self._require_dim()
         n = self._n
         if n == 0 or self._buf is None:
@@ -1137,7 +1151,12 @@ class MultiKrum(_BufferingAggregator):
         for start in range(0, rows.shape[1], step):
             block = rows[:, start : start + step].astype(np.float64)
             gram += block @ block.T
-        sq = np.diag(gram)
+        sq = np.diag(gram).copy()
+        if self.cosine:
+            norms = np.sqrt(sq)
+            inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+            gram = gram * inv[:, None] * inv[None, :]
+            sq = (norms > 0).astype(np.float64)
         dist = sq[:, None] + sq[None, :] - 2.0 * gram
         np.maximum(dist, 0.0, out=dist)  # rounding may leave tiny negatives
         np.fill_diagonal(dist, 0.0)
@@ -1238,8 +1257,9 @@ def make_aggregator(spec: str) -> UpdateAggregator:
         if name == "krum":
             if last:
                 raise fail("'krum' wraps an aggregator and cannot be the last stage; add e.g. '|mean'")
-            f, m, max_updates = _krum_args(args, fail)
-            wrappers.append(lambda inner, f=f, m=m, cap=max_updates: MultiKrum(inner, f, m, cap))
+            f, m, max_updates, cosine = _krum_args(args, fail)
+            wrappers.append(lambda inner, f=f, m=m, cap=max_updates, cos=cosine:
+                            MultiKrum(inner, f, m, cap, cosine=cos))
             continue
         if name == "clip":
             if last:
@@ -1305,17 +1325,21 @@ def _median_factor(args: list[str], fail: Callable[[str], ValueError]) -> tuple[
     return factor, max_updates
 
 
-def _krum_args(args: list[str], fail: Callable[[str], ValueError]) -> tuple[int, int | None, int]:
-    """'krum:f=F[,m=M][,MAX_UPDATES]' -> (f, m or None, max_updates)."""
+def _krum_args(args: list[str], fail: Callable[[str], ValueError]) -> tuple[int, int | None, int, bool]:
+    """'krum:f=F[,m=M][,cosine][,MAX_UPDATES]' -> (f, m or None, max_updates, cosine)."""
     usage = ("'krum' takes f=F (Byzantine updates to tolerate), optionally m=M (updates to keep, "
-             "default n - f) and max_updates, e.g. 'krum:f=2' or 'krum:f=2,m=15,50'")
+             "default n - f), 'cosine' (compare directions only) and max_updates, "
+             "e.g. 'krum:f=2', 'krum:f=2,cosine' or 'krum:f=2,m=15,50'")
     f: int | None = None
     m: int | None = None
+    cosine = False
     max_updates = DEFAULT_MAX_UPDATES
     for arg in args:
         key, eq, value = arg.partition("=")
         key, value = key.strip(), value.strip()
-        if not eq:
+        if not eq and key == "cosine":
+            cosine = True
+        elif not eq:
             max_updates = _positive_int(key, "max_updates", fail)
         elif key == "f":
             try:
@@ -1330,7 +1354,7 @@ def _krum_args(args: list[str], fail: Callable[[str], ValueError]) -> tuple[int,
             raise fail(f"unknown krum argument {key!r}; {usage}")
     if f is None:
         raise fail(usage)
-    return f, m, max_updates
+    return f, m, max_updates, cosine
 
 
 def _positive_float(text: str, what: str, fail: Callable[[str], ValueError]) -> float:

@@ -118,7 +118,7 @@ class AggregatorConfig:
     client_clip: float = 5.0             # devices clip each step's gradient to this global L2 norm (0 = off)
     max_steps: int = 0
     # -- intake and aggregation -----------------------------------------------------------------
-    aggregation: str = "mean"            # clip:C|mean, normclip:median*K|mean, trimmed:F, median, dp:clip=C,noise=Z,expected=N (DP-FedAvg)
+    aggregation: str = "mean"            # clip:C|mean, normclip:median*K|krum:f=F,cosine|mean, trimmed:F, median, dp:clip=C,noise=Z,expected=N (DP-FedAvg)
     dp_delta: float = 1e-5               # delta at which DP-FedAvg's epsilon is reported
     server_optimizer: str = "fedavg"
     server_lr: float = 1.0
@@ -198,7 +198,9 @@ class AggregatorConfig:
                              f"server_options {self.server_options!r}: {exc}") from None
         if self.secure_aggregation:
             self._check_secure_aggregation()
-        if self.workers and not self.aggregation.split("|")[-1].strip().startswith("mean"):
+        if self.workers and (not self.aggregation.split("|")[-1].strip().startswith("mean")
+                             or make_any_aggregator(self.aggregation).capacity is not None):
+            # buffering stages (normclip, krum, trimmed, median) need every update in one place
             raise ValueError(f"scale-out (workers > 0) combines partial sums, so it needs a mean-type "
                              f"aggregation ('mean', 'clip:C|mean'), not {self.aggregation!r}")
 

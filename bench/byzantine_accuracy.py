@@ -18,6 +18,7 @@ before 30 s, so these settings change nothing for them.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
 import os
@@ -31,7 +32,11 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespe
 ROBUST = "normclip:median*2|mean"
 TRIMMED = "trimmed:0.1"
 KRUM = "krum:f=2|mean"
+KRUM4 = "krum:f=4|mean"  # a cohort of 20 with 10 % attackers holds more than 2 in about a third of rounds
 NORMCLIP_KRUM = "normclip:median*2|krum:f=2|mean"
+# Krum by direction only (sign flips of small updates are caught), the norm bounded in front of it.
+NORMCLIP_KRUM_COS = "normclip:median*2|krum:f=2,cosine|mean"
+NORMCLIP_KRUM4_COS = "normclip:median*2|krum:f=4,cosine|mean"
 
 
 @dataclass(frozen=True)
@@ -53,8 +58,16 @@ RUNS = {r.name: r for r in (
     Run("clean-trimmed", "", TRIMMED, "clean, coordinate-wise trimmed mean (its own cost)"),
     Run("mixed-krum", "0.1:mixed", KRUM, "10 % mixed Byzantine, multi-Krum (f=2, keep n - f)"),
     Run("clean-krum", "", KRUM, "clean, multi-Krum (the defence's own cost)"),
+    Run("mixed-krum4", "0.1:mixed", KRUM4, "10 % mixed Byzantine, multi-Krum (f=4, keep n - f)"),
+    Run("clean-krum4", "", KRUM4, "clean, multi-Krum f=4 (the defence's own cost)"),
     Run("mixed-normclip-krum", "0.1:mixed", NORMCLIP_KRUM, "10 % mixed Byzantine, median norm clip then multi-Krum"),
     Run("clean-normclip-krum", "", NORMCLIP_KRUM, "clean, median norm clip then multi-Krum (its own cost)"),
+    Run("mixed-normclip-krumcos", "0.1:mixed", NORMCLIP_KRUM_COS,
+        "10 % mixed Byzantine, median norm clip then multi-Krum on directions"),
+    Run("clean-normclip-krumcos", "", NORMCLIP_KRUM_COS, "clean, median norm clip then multi-Krum on directions"),
+    Run("mixed-normclip-krum4cos", "0.1:mixed", NORMCLIP_KRUM4_COS,
+        "10 % mixed Byzantine, median norm clip then multi-Krum f=4 on directions"),
+    Run("clean-normclip-krum4cos", "", NORMCLIP_KRUM4_COS, "clean, median norm clip then multi-Krum f=4 on directions"),
 )}
 DEFAULT_RUNS = ("mixed-mean", "mixed-robust", "clean-robust")
 
@@ -77,7 +90,38 @@ def command(run: Run, out: Path) -> str:
     return " ".join(parts)
 
 
-def row_of(run: Run, report: dict) -> dict:
+KRUM_LOG = "krum_dropped.log"  # in the run's directory: the aggregator's "krum: dropped" debug lines
+
+
+def krum_dropped(run_dir: Path, report: dict) -> tuple[int, int] | None:
+    """(Byzantine, honest) updates multi-Krum dropped over the run, from the debug lines the bench
+    captured (the report itself counts only what a clipping stage did); None if not captured."""
+    path = run_dir / KRUM_LOG
+    if not path.exists():
+        return None
+    attackers = set(report.get("byzantine", {}).get("devices", {}))
+    byz = honest = 0
+    for line in path.read_text().splitlines():
+        _, found, ids = line.partition(" updates: ")
+        if found and line.startswith("krum: dropped"):
+            for device in ast.literal_eval(ids):
+                byz, honest = (byz + 1, honest) if device in attackers else (byz, honest + 1)
+    return byz, honest
+
+
+def capture_krum_drops(run_dir: Path) -> logging.Handler:
+    """Write the aggregation module's debug lines (which updates Krum dropped) to the run's directory."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / KRUM_LOG, mode="w")
+    handler.setLevel(logging.DEBUG)
+    handler.addFilter(lambda record: record.getMessage().startswith("krum: dropped"))
+    agg_logger = logging.getLogger("aggregator.aggregation")
+    agg_logger.setLevel(logging.DEBUG)
+    agg_logger.addHandler(handler)
+    return handler
+
+
+def row_of(run: Run, report: dict, run_dir: Path | None = None) -> dict:
     by_round = {r["round"]: r for r in report["per_round"]}
     acc = {f"top{k}@{n}": by_round[n][f"top{k}"] for n in (10, 20, 30) if n in by_round for k in (1, 3)}
     byz = report.get("byzantine", {}).get("totals", {})
@@ -91,6 +135,8 @@ def row_of(run: Run, report: dict) -> dict:
             "byz_accepted": byz.get("accepted", 0), "byz_rejected": byz.get("rejected", {}),
             "byz_clipped": byz.get("clipped", 0),
             "honest_clipped": byz.get("honest_clipped") if "clip" in run.aggregation else None,
+            "krum_dropped": krum_dropped(run_dir, report) if run_dir is not None and "krum" in run.aggregation
+            else None,
             "rejected_all": rejected_all, "updates_lost": lost,
             "honest_lost": lost - sum(byz.get("rejected", {}).values()),
             "committed": sum(1 for r in report["per_round"] if r.get("committed", True)),
@@ -99,17 +145,20 @@ def row_of(run: Run, report: dict) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     print("| run | byzantine | aggregation | top-1 @10/20/30 | top-3 @10/20/30 | Byzantine selected / accepted "
-          "/ rejected / clipped | honest clipped | updates lost (honest) | rounds committed | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "/ rejected / clipped | honest clipped | Krum dropped Byzantine / honest | updates lost (honest) "
+          "| rounds committed | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t1 = " / ".join(f"{r.get(f'top1@{n}', float('nan')):.4f}" for n in (10, 20, 30))
         t3 = " / ".join(f"{r.get(f'top3@{n}', float('nan')):.4f}" for n in (10, 20, 30))
         rej = ", ".join(f"{k} {v}" for k, v in r["byz_rejected"].items()) or "0"
         hc = "-" if r["honest_clipped"] is None else r["honest_clipped"]
+        kd = r.get("krum_dropped")
+        kd = "-" if kd is None else f"{kd[0]} / {kd[1]}"
         aggregation = r["aggregation"].replace("|", "\\|")  # a bare | would split the markdown cell
         print(f"| {r['run']} | {r['byzantine']} | `{aggregation}` | {t1} | {t3} | {r['byz_selected']} / "
-              f"{r['byz_accepted']} / {rej} / {r['byz_clipped']} | {hc} | {r['updates_lost']} ({r['honest_lost']}) | "
-              f"{r['committed']}/{r['rounds']} | {r['wall_s']} |")
+              f"{r['byz_accepted']} / {rej} / {r['byz_clipped']} | {hc} | {kd} | "
+              f"{r['updates_lost']} ({r['honest_lost']}) | {r['committed']}/{r['rounds']} | {r['wall_s']} |")
     by_name = {r["run"]: r for r in rows}
     clean = by_name.get("clean-mean")
     if clean is None:
@@ -153,13 +202,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: report exists in {out} (--rerun to run it again)", flush=True)
                 continue
             print(f"{name}: {command(RUNS[name], out)}", flush=True)
-            report = run_simulation(sim_config(RUNS[name], out, args.seed))
+            handler = capture_krum_drops(out)
+            try:
+                report = run_simulation(sim_config(RUNS[name], out, args.seed))
+            finally:
+                logging.getLogger("aggregator.aggregation").removeHandler(handler)
+                handler.close()
             print(f"{name}: top-3 {report['top3']:.4f}, {report['wall_s']:.0f} s", flush=True)
     rows = []
     for name in RUNS:
-        path = Path(f"{args.out_root}-{name}{suffix}") / "report.json"
-        if path.exists():
-            rows.append(row_of(RUNS[name], json.loads(path.read_text())))
+        run_dir = Path(f"{args.out_root}-{name}{suffix}")
+        if (run_dir / "report.json").exists():
+            rows.append(row_of(RUNS[name], json.loads((run_dir / "report.json").read_text()), run_dir))
     print(f"seed {args.seed}")
     print_table(rows)
     Path(f"{args.out_root}-table{suffix}.json").write_text(json.dumps(rows, indent=2))

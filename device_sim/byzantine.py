@@ -156,11 +156,14 @@ class RoundCounts:
     rejected: Counter = field(default_factory=Counter)    # reason -> count
     clipped: int = 0                                      # accepted, then scaled down by the aggregator
     honest_clipped: int = 0                               # the defence's cost: honest updates scaled down
+    dropped: int = 0                                      # accepted, then left out by Krum
+    honest_dropped: int = 0                               # the defence's cost: honest updates left out
     by_attack: Counter = field(default_factory=Counter)   # "attack/outcome" -> count
 
     def to_dict(self) -> dict[str, Any]:
         return {"round": self.round, "selected": self.selected, "sent": self.sent, "accepted": self.accepted,
                 "rejected": dict(self.rejected), "clipped": self.clipped, "honest_clipped": self.honest_clipped,
+                "dropped": self.dropped, "honest_dropped": self.honest_dropped,
                 "by_attack": dict(sorted(self.by_attack.items()))}
 
 
@@ -237,18 +240,26 @@ class ByzantineFleet:
                 counts.by_attack[f"{attack}/abandoned"] += 1
 
     def note_aggregate(self, round_id: int, aggregate: Any) -> None:
-        """After a round: count the updates the aggregator's clipping stage scaled down, Byzantine
-        and honest. `aggregate` is the round's UpdateAggregator; one without `clipped_ids` counts 0."""
-        ids = getattr(aggregate, "clipped_ids", None)
-        if ids is None:
-            return
+        """After a round: count the updates the aggregator's robust stages scaled down (normclip,
+        `clipped_ids`) or left out (Krum, `dropped_ids`), Byzantine and honest. `aggregate` is the
+        round's UpdateAggregator; its wrapper chain is walked through `.inner`."""
+        clipped: set[str] = set()
+        dropped: set[str] = set()
+        stage = aggregate
+        while stage is not None:
+            clipped.update(getattr(stage, "clipped_ids", None) or ())
+            dropped.update(getattr(stage, "dropped_ids", None) or ())
+            stage = getattr(stage, "inner", None)
         with self._lock:
             counts = self._counts(round_id)
-            counts.clipped = sum(1 for d in ids if d in self.attack_of)
-            counts.honest_clipped = len(ids) - counts.clipped
-            for d in ids:
-                if d in self.attack_of:
-                    counts.by_attack[f"{self.attack_of[d]}/clipped"] += 1
+            counts.clipped = sum(1 for d in clipped if d in self.attack_of)
+            counts.honest_clipped = len(clipped) - counts.clipped
+            counts.dropped = sum(1 for d in dropped if d in self.attack_of)
+            counts.honest_dropped = len(dropped) - counts.dropped
+            for outcome, ids in (("clipped", clipped), ("dropped", dropped)):
+                for d in ids:
+                    if d in self.attack_of:
+                        counts.by_attack[f"{self.attack_of[d]}/{outcome}"] += 1
 
     def summary(self) -> dict[str, Any]:
         """The report's "byzantine" section: who, and per round what became of their updates."""
@@ -271,6 +282,8 @@ class ByzantineFleet:
                 "rejected": dict(rejected),
                 "clipped": sum(r["clipped"] for r in rows),
                 "honest_clipped": sum(r["honest_clipped"] for r in rows),
+                "dropped": sum(r["dropped"] for r in rows),
+                "honest_dropped": sum(r["honest_dropped"] for r in rows),
             },
         }
 

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--downlink", default="f32", help="downlink codec spec for the global model")
     sim.add_argument("--server-optimizer", default="fedadam", help="fedavg, fedavgm, fedadam, fedyogi, fedadagrad")
     sim.add_argument("--server-lr", type=float, default=0.01, help="server learning rate (FedAdam: 0.01)")
-    sim.add_argument("--aggregation", default="mean", help="mean, clip:C|mean, trimmed:F, median, dp:clip=C,noise=Z,expected=M|mean")
+    sim.add_argument("--aggregation", default="mean", help="mean, clip:C|mean, normclip:median*2|krum:f=2,cosine|mean (robust), trimmed:F, median, "
+                          "dp:clip=C,noise=Z,expected=M|mean")
     sim.add_argument("--byzantine", default="",
                      help="share of devices that corrupt their updates (attack tests): 0.1:mixed, 0.1:scale=-20, "
                           "0.1:signflip, 0.05:nan")

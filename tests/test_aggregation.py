@@ -13,9 +13,10 @@ from aggregator.aggregation import (
     CapacityExceededError,
     ClippedAggregator,
     CoordinateMedian,
-    MedianNormClip,
     DuplicateUpdateError,
     EmptyAggregationError,
+    MedianNormClip,
+    MultiKrum,
     PoisonedAggregatorError,
     TrimmedMean,
     UpdateAggregator,
@@ -194,7 +195,9 @@ def test_a_client_is_counted_once_per_round(spec):
 # --- checkpoints ------------------------------------------------------------------------
 
 ALL_SPECS = ["mean", "mean:float32", "clip:3|mean", "trimmed:0.2,12", "median:12", "clip:3|median:12",
-             "clip:5|clip:3|trimmed:0.1,12", "normclip:median*2,12|mean", "normclip:median*1.5,12|trimmed:0.1,12"]
+             "clip:5|clip:3|trimmed:0.1,12", "normclip:median*2,12|mean", "normclip:median*1.5,12|trimmed:0.1,12",
+             "krum:f=2,12|mean", "krum:f=1,m=5,12|mean", "normclip:median*2,12|krum:f=2,12|mean",
+             "krum:f=2,12|normclip:median*2,12|mean", "normclip:median*2,12|krum:f=2,cosine,12|mean"]
 
 
 @pytest.mark.parametrize("spec", ALL_SPECS)
@@ -730,3 +733,204 @@ def test_normclip_bad_specs_name_the_problem(spec, problem):
     with pytest.raises(ValueError) as info:
         make_aggregator(spec)
     assert problem in str(info.value)
+
+
+# --- multi-Krum ---------------------------------------------------------------------------
+
+
+def _cluster(n: int, dim: int = DIM, seed: int = 0, noise: float = 0.5) -> list[np.ndarray]:
+    """Honest non-IID-like updates: one shared direction plus per-client noise."""
+    rng = np.random.default_rng(seed)
+    direction = rng.standard_normal(dim).astype(np.float32)
+    return [(direction + noise * rng.standard_normal(dim)).astype(np.float32) for _ in range(n)]
+
+
+def _krum_reference_scores(stack: np.ndarray, f: int) -> np.ndarray:
+    x = stack.astype(np.float64)
+    n = len(x)
+    dist = ((x[:, None, :] - x[None, :, :]) ** 2).sum(axis=2)
+    k = n - f - 2
+    return np.array([np.sort(np.delete(dist[i], i))[:k].sum() for i in range(n)])
+
+
+def test_krum_drops_sign_flipped_and_scaled_updates_and_keeps_their_weights():
+    honest = _cluster(17, seed=1)
+    flipped = -honest[0]  # an honest norm: a norm bound cannot see it
+    scaled = 10.0 * honest[1]
+    deltas = honest + [flipped, scaled]
+    weights = [float(10 + i) for i in range(len(deltas))]
+    agg = make_aggregator("krum:f=2|mean")
+    assert isinstance(agg, MultiKrum) and agg.f == 2 and agg.m is None
+    agg.reset(DIM)
+    _feed(agg, deltas, weights)
+    got = agg.result()
+    assert set(agg.dropped_ids) == {"dev17", "dev18"}
+    assert agg.selected_ids == tuple(f"dev{i}" for i in range(17))
+    expected = np.average(np.stack(honest).astype(np.float64), axis=0, weights=weights[:17])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert agg.count == 19 and agg.total_weight == sum(weights)  # counted as accepted, not averaged
+    scores = agg.scores
+    assert min(scores["dev17"], scores["dev18"]) > max(scores[f"dev{i}"] for i in range(17))
+
+
+def test_krum_scores_match_a_dense_numpy_reference_across_blocks():
+    dim = 70_000  # more than one distance block
+    deltas = _cluster(9, dim=dim, seed=4)
+    agg = MultiKrum(WeightedMean(), f=2)
+    agg.reset(dim)
+    _feed(agg, deltas, [1.0] * 9)
+    stack = np.stack(deltas)
+    np.testing.assert_allclose(agg.krum_scores(), _krum_reference_scores(stack, 2), rtol=1e-9)
+    dist = agg.pairwise_sq_distances()
+    assert dist.dtype == np.float64 and np.all(np.diag(dist) == 0) and np.allclose(dist, dist.T)
+
+
+def test_krum_with_f0_on_clean_input_equals_the_weighted_mean():
+    deltas, weights = _updates(12, seed=7)
+    krum = make_aggregator("krum:f=0|mean")
+    mean = make_aggregator("mean")
+    for agg in (krum, mean):
+        agg.reset(DIM)
+        _feed(agg, deltas, weights)
+    np.testing.assert_array_equal(krum.result(), mean.result())
+    assert krum.dropped_ids == ()
+
+
+def test_krum_m_sets_how_many_are_kept():
+    deltas = _cluster(10, seed=2)
+    agg = make_aggregator("krum:f=1,m=4|mean")
+    agg.reset(DIM)
+    _feed(agg, deltas, [1.0] * 10)
+    agg.result()
+    assert len(agg.selected_ids) == 4 and len(agg.dropped_ids) == 6
+    scores = agg.scores
+    assert max(scores[i] for i in agg.selected_ids) <= min(scores[i] for i in agg.dropped_ids)
+
+
+def test_krum_with_few_updates_still_aggregates():
+    deltas = _cluster(3, seed=3)
+    agg = make_aggregator("krum:f=2|mean")
+    agg.reset(DIM)
+    _feed(agg, deltas[:1], [1.0])
+    np.testing.assert_array_equal(agg.result(), deltas[0])  # one update: kept, whatever f
+    _feed(agg, deltas[1:], [1.0, 1.0], start=1)
+    agg.result()
+    assert len(agg.selected_ids) == 1 and agg.neighbours(3) == 1
+
+
+def test_krum_refuses_a_non_finite_update():
+    agg = make_aggregator("krum:f=1|mean")
+    agg.reset(4)
+    with pytest.raises(ValueError, match="non-finite"):
+        agg.add(np.array([1.0, np.inf, 0.0, 0.0], np.float32), 1.0, client_id="x")
+    assert agg.count == 0 and not agg.contains("x")
+
+
+def test_krum_state_round_trip_gives_the_same_selection():
+    deltas = _cluster(8, seed=9) + [-_cluster(1, seed=9)[0]]
+    weights = [float(i + 1) for i in range(9)]
+    straight = make_aggregator("krum:f=1,20|mean")
+    straight.reset(DIM)
+    _feed(straight, deltas, weights)
+    first = make_aggregator("krum:f=1,20|mean")
+    first.reset(DIM)
+    _feed(first, deltas[:5], weights[:5])
+    saved = _savez_round_trip(first.state())
+    resumed = make_aggregator(str(saved["spec"]))
+    resumed.load_state(saved)
+    _feed(resumed, deltas[5:], weights[5:], start=5)
+    np.testing.assert_array_equal(resumed.result(), straight.result())
+    assert resumed.dropped_ids == straight.dropped_ids == ("dev8",)
+    with pytest.raises(ValueError, match="checkpoint"):
+        make_aggregator("krum:f=2,20|mean").load_state(saved)
+    with pytest.raises(ValueError, match="checkpoint"):
+        make_aggregator("krum:f=1,m=3,20|mean").load_state(saved)
+    with pytest.raises(ValueError, match="checkpoint"):
+        make_aggregator("krum:f=1,20|median").load_state(saved)
+    with pytest.raises(ValueError, match="checkpoint"):
+        make_aggregator("krum:f=1,cosine,20|mean").load_state(saved)
+
+
+def test_krum_composes_with_normclip_both_ways():
+    honest = _cluster(10, seed=5)
+    deltas = honest + [-30.0 * honest[0]]
+    outer = make_aggregator("normclip:median*2|krum:f=1|mean")
+    inner = make_aggregator("krum:f=1|normclip:median*2|mean")
+    assert isinstance(outer, MedianNormClip) and isinstance(outer.inner, MultiKrum)
+    assert isinstance(inner, MultiKrum) and isinstance(inner.inner, MedianNormClip)
+    expected = np.mean(np.stack(honest).astype(np.float64), axis=0)
+    for agg in (outer, inner):
+        agg.reset(DIM)
+        _feed(agg, deltas, [1.0] * len(deltas))
+        np.testing.assert_allclose(agg.result(), expected, rtol=1e-4, atol=1e-5)
+    assert outer.inner.dropped_ids == ("dev10",) and "dev10" in outer.clipped_ids
+    assert inner.dropped_ids == ("dev10",)
+
+
+def test_cosine_krum_drops_a_small_sign_flipped_update_that_euclidean_krum_keeps():
+    """Honest norms spread over three decades: Euclidean distances make the small updates look
+    alike whatever their direction, directions do not."""
+    rng = np.random.default_rng(8)
+    base = rng.standard_normal(DIM)
+    honest = [(scale * (base + 2.0 * rng.standard_normal(DIM))).astype(np.float32)
+              for scale in np.geomspace(0.01, 10.0, 18)]
+    deltas = honest + [-honest[0], -honest[17]]  # the smallest and the largest, flipped
+    dropped = {}
+    for spec in ("krum:f=2|mean", "krum:f=2,cosine|mean"):
+        agg = make_aggregator(spec)
+        agg.reset(DIM)
+        _feed(agg, deltas, [1.0] * len(deltas))
+        agg.result()
+        dropped[spec] = set(agg.dropped_ids)
+    assert dropped["krum:f=2|mean"] == {"dev17", "dev19"}  # a large honest update goes, the small flip stays
+    assert dropped["krum:f=2,cosine|mean"] == {"dev18", "dev19"}
+
+
+def test_cosine_distances_are_those_of_the_unit_vectors():
+    deltas = _cluster(5, seed=6) + [np.zeros(DIM, np.float32)]
+    agg = MultiKrum(WeightedMean(), f=1, cosine=True)
+    agg.reset(DIM)
+    _feed(agg, deltas, [1.0] * 6)
+    units = np.stack([d / np.linalg.norm(d) for d in deltas[:5]]).astype(np.float64)
+    expected = ((units[:, None, :] - units[None, :, :]) ** 2).sum(axis=2)
+    dist = agg.pairwise_sq_distances()
+    np.testing.assert_allclose(dist[:5, :5], expected, atol=1e-9)
+    np.testing.assert_allclose(dist[5, :5], 1.0)  # a zero update stays at the origin
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("krum:f=2,cosine|mean", "krum:f=2,cosine,100|mean"),
+    ("krum:f=2|mean", "krum:f=2,100|mean"),
+    ("KRUM: f=3, m=12, 40 | mean", "krum:f=3,m=12,40|mean"),
+    ("clip:5|krum:f=0|trimmed:0.1", "clip:5|krum:f=0,100|trimmed:0.1,100"),
+])
+def test_krum_specs_round_trip(spec, expected):
+    agg = make_aggregator(spec)
+    assert agg.spec == expected
+    assert make_aggregator(agg.spec).spec == expected
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ("krum:f=2", "cannot be the last stage"),
+    ("krum|mean", "takes f=F"),
+    ("krum:m=3|mean", "takes f=F"),
+    ("krum:f=-1|mean", "f must be >= 0"),
+    ("krum:f=x|mean", "is not an integer"),
+    ("krum:f=1,m=0|mean", "krum m must be >= 1"),
+    ("krum:f=1,q=2|mean", "unknown krum argument 'q'"),
+    ("krum:f=1,0|mean", "max_updates must be >= 1"),
+])
+def test_krum_bad_specs_name_the_problem(spec, problem):
+    with pytest.raises(ValueError) as info:
+        make_aggregator(spec)
+    assert problem in str(info.value)
+    assert "e.g." in str(info.value)
+
+
+def test_krum_constructor_validates_its_arguments():
+    with pytest.raises(ValueError, match="inner"):
+        MultiKrum("mean", 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="f "):
+        MultiKrum(WeightedMean(), -1)
+    with pytest.raises(ValueError, match="m "):
+        MultiKrum(WeightedMean(), 1, m=0)

@@ -168,3 +168,29 @@ def test_scaled_updates_reach_the_aggregator_and_are_clipped(tmp_path, cache_dir
         assert row["clipped"] == 2  # 30 x an honest norm is far above 2 x the median
     for row in report["per_round"]:
         assert row["committed"] and row["participants"] == 6
+
+
+def test_the_report_counts_what_normclip_scaled_and_krum_left_out():
+    from aggregator.aggregation import make_aggregator
+
+    fleet = ByzantineFleet(ByzantineConfig(0.25, "signflip"), n_devices=8, seed=0)
+    for i in range(8):
+        fleet.client_kwargs(i, f"d{i}")
+    attackers = sorted(fleet.attack_of)
+    rng = np.random.default_rng(0)
+    honest = rng.standard_normal(1000).astype(np.float32)
+    agg = make_aggregator("normclip:median*2|krum:f=2,cosine|mean")
+    agg.reset(1000)
+    for i in range(8):
+        device = f"d{i}"
+        update = honest + 0.1 * rng.standard_normal(1000).astype(np.float32)
+        if device in attackers:
+            update = -update
+        if i == 0:
+            update = update * 10  # one oversized update: clipped by normclip
+        agg.add(update, weight=10, client_id=device)
+    agg.result()
+    fleet.note_aggregate(1, agg)
+    row = fleet.summary()["per_round"][0]
+    assert row["dropped"] == len(attackers) == 2 and row["honest_dropped"] == 0  # both sign flips left out
+    assert row["clipped"] + row["honest_clipped"] == 1
