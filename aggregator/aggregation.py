@@ -761,7 +761,8 @@ class _BufferingAggregator(UpdateAggregator):
             grown[: self._n] = self._buf[: self._n]
         self._buf = grown
 
-    def result(self) -> np.ndarray:
+    def _require_updates(self) -> int:
+        """The dimension, once at least one update is buffered (else EmptyAggregationError)."""
         dim = self._require_dim()
         if self._n == 0:
             raise EmptyAggregationError(
@@ -769,6 +770,10 @@ class _BufferingAggregator(UpdateAggregator):
                 "(skip the model update, or wait for more clients)"
             )
         assert self._buf is not None
+        return dim
+
+    def result(self) -> np.ndarray:
+        dim = self._require_updates()
         rows = self._buf[: self._n]
         out = np.empty(dim, dtype=np.float32)
         for start in range(0, dim, _BLOCK // 4):
@@ -918,7 +923,73 @@ class CoordinateMedian(_BufferingAggregator):
         return np.median(block, axis=1, overwrite_input=True)
 
 
-class MedianNormClip(_BufferingAggregator):
+class _BufferingWrapper(_BufferingAggregator):
+    """A buffering stage in front of another aggregator (normclip, krum): it sees the whole
+    round's updates at `result()`, decides what each one becomes, and feeds ``inner``.
+
+    Shared here: the inner aggregator's check, the spec, finite-norm refusal at `add`, the
+    empty-round error, and the checkpoint's inner-spec check. Subclasses write `_feed_inner`
+    (the round's decision) and `_clear` (their per-round report).
+    """
+
+    def __init__(self, inner: UpdateAggregator, max_updates: int) -> None:
+        super().__init__(max_updates)
+        if not isinstance(inner, UpdateAggregator):
+            raise ValueError(f"inner must be an UpdateAggregator, got {type(inner).__name__}")
+        self.inner = inner
+
+    @property
+    def spec(self) -> str:
+        return self._spec_with(self.max_updates)
+
+    def _clear(self) -> None:
+        """Forget the last round's report (a new round starts, or a checkpoint was loaded)."""
+
+    def reset(self, dim: int) -> None:
+        super().reset(dim)
+        self.inner.reset(self._require_dim())
+        self._clear()
+
+    def _add_finite(self, delta: np.ndarray, weight: float, client_id: str) -> float:
+        """Buffer the update; returns its L2 norm (refusing a non-finite one)."""
+        self._check_update(delta, weight, client_id)
+        norm = l2_norm(np.asarray(delta, dtype=np.float32))
+        if not math.isfinite(norm):
+            raise ValueError(
+                f"update of client {client_id!r} has a non-finite norm: "
+                "reject non-finite updates at intake"
+            )
+        super().add(delta, weight, client_id=client_id)
+        return norm
+
+    def add(self, delta: np.ndarray, weight: float, *, client_id: str = "") -> None:
+        self._add_finite(delta, weight, client_id)
+
+    def result(self) -> np.ndarray:
+        dim = self._require_updates()
+        self.inner.reset(dim)
+        self._feed_inner(dim)
+        return self.inner.result()
+
+    def _feed_inner(self, dim: int) -> None:
+        raise NotImplementedError
+
+    def _statistic(self, block: np.ndarray) -> np.ndarray:
+        raise AssertionError(f"{type(self).__name__} overrides result(); no per-coordinate statistic")
+
+    def load_state(self, state: Mapping[str, StateValue]) -> None:
+        saved_inner = _as_str(state, "spec").split("|", 1)[-1]
+        if saved_inner != self.inner.spec:
+            raise ValueError(
+                f"checkpoint was made by {_as_str(state, 'spec')!r}, this aggregator is {self.spec!r}: "
+                "build it from the checkpoint's spec"
+            )
+        super().load_state(state)
+        self._clear()
+        self.inner.reset(self._require_dim())
+
+
+class MedianNormClip(_BufferingWrapper):
     """Scales every update down to ``factor`` times the median L2 norm of the round's updates,
     then hands them all to ``inner`` (a wrapper, e.g. ``"normclip:median*2|mean"``).
 
@@ -938,21 +1009,14 @@ class MedianNormClip(_BufferingAggregator):
 
     def __init__(self, inner: UpdateAggregator, factor: float,
                  max_updates: int = DEFAULT_MAX_UPDATES) -> None:
-        super().__init__(max_updates)
-        if not isinstance(inner, UpdateAggregator):
-            raise ValueError(f"inner must be an UpdateAggregator, got {type(inner).__name__}")
+        super().__init__(inner, max_updates)
         factor = float(factor)
         if not (math.isfinite(factor) and factor > 0.0):
             raise ValueError(f"factor (times the median norm) must be finite and > 0, got {factor!r}")
-        self.inner = inner
         self.factor = factor
         self._norms: list[float] = []
         self._clipped_ids: tuple[str, ...] = ()
         self._bound = 0.0
-
-    @property
-    def spec(self) -> str:
-        return self._spec_with(self.max_updates)
 
     def _spec_with(self, max_updates: int) -> str:
         return f"normclip:median*{_fmt(self.factor)},{max_updates}|{self.inner.spec}"
@@ -974,35 +1038,17 @@ class MedianNormClip(_BufferingAggregator):
         """The L2 bound the last `result()` clipped to (factor x median norm)."""
         return self._bound
 
-    def reset(self, dim: int) -> None:
-        super().reset(dim)
-        self.inner.reset(self._require_dim())
-        self._norms = []
+    def _clear(self) -> None:
+        self._norms = [l2_norm(self._buf[i]) for i in range(self._n)] if self._buf is not None else []
         self._clipped_ids = ()
         self._bound = 0.0
 
     def add(self, delta: np.ndarray, weight: float, *, client_id: str = "") -> None:
-        self._check_update(delta, weight, client_id)
-        norm = l2_norm(np.asarray(delta, dtype=np.float32))
-        if not math.isfinite(norm):
-            raise ValueError(
-                f"update of client {client_id!r} has a non-finite norm: "
-                "reject non-finite updates at intake"
-            )
-        super().add(delta, weight, client_id=client_id)
-        self._norms.append(norm)
+        self._norms.append(self._add_finite(delta, weight, client_id))
 
-    def result(self) -> np.ndarray:
-        dim = self._require_dim()
-        if self._n == 0:
-            raise EmptyAggregationError(
-                "no update was added this round: there is nothing to aggregate "
-                "(skip the model update, or wait for more clients)"
-            )
-        assert self._buf is not None
+    def _feed_inner(self, dim: int) -> None:
         norms = np.array(self._norms, dtype=np.float64)
         self._bound = self.factor * float(np.median(norms))
-        self.inner.reset(dim)
         scaled = np.empty(dim, dtype=np.float32)
         clipped: list[str] = []
         for i in range(self._n):
@@ -1015,26 +1061,9 @@ class MedianNormClip(_BufferingAggregator):
         self._clipped_ids = tuple(clipped)
         if clipped:
             logger.debug("normclip: %d of %d updates scaled down to %.4g", len(clipped), self._n, self._bound)
-        return self.inner.result()
-
-    def _statistic(self, block: np.ndarray) -> np.ndarray:
-        raise AssertionError("MedianNormClip overrides result(); no per-coordinate statistic")
-
-    def load_state(self, state: Mapping[str, StateValue]) -> None:
-        saved_inner = _as_str(state, "spec").split("|", 1)[-1]
-        if saved_inner != self.inner.spec:
-            raise ValueError(
-                f"checkpoint was made by {_as_str(state, 'spec')!r}, this aggregator is {self.spec!r}: "
-                "build it from the checkpoint's spec"
-            )
-        super().load_state(state)
-        assert self._buf is not None or self._n == 0
-        self._norms = [l2_norm(self._buf[i]) for i in range(self._n)] if self._buf is not None else []
-        self._clipped_ids = ()
-        self.inner.reset(self._require_dim())
 
 
-class MultiKrum(_BufferingAggregator):
+class MultiKrum(_BufferingWrapper):
     """Multi-Krum (Blanchard et al. 2017): keeps the ``m`` updates closest to their neighbours,
     drops the rest, and hands the kept ones, with their example-count weights, to ``inner``
     (a wrapper, e.g. ``"krum:f=2|mean"``).
@@ -1065,24 +1094,17 @@ class MultiKrum(_BufferingAggregator):
 
     def __init__(self, inner: UpdateAggregator, f: int, m: int | None = None,
                  max_updates: int = DEFAULT_MAX_UPDATES, *, cosine: bool = False) -> None:
-        super().__init__(max_updates)
-        if not isinstance(inner, UpdateAggregator):
-            raise ValueError(f"inner must be an UpdateAggregator, got {type(inner).__name__}")
+        super().__init__(inner, max_updates)
         if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 0:
             raise ValueError(f"f (the number of Byzantine updates to tolerate) must be an int >= 0, got {f!r}")
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1):
             raise ValueError(f"m (how many updates to keep) must be an int >= 1 or None (n - f), got {m!r}")
-        self.inner = inner
         self.f = int(f)
         self.m = None if m is None else int(m)
         self.cosine = bool(cosine)
         self._selected_ids: tuple[str, ...] = ()
         self._dropped_ids: tuple[str, ...] = ()
         self._scores: dict[str, float] = {}
-
-    @property
-    def spec(self) -> str:
-        return self._spec_with(self.max_updates)
 
     def _spec_with(self, max_updates: int) -> str:
         keep = "" if self.m is None else f",m={self.m}"
@@ -1121,21 +1143,10 @@ class MultiKrum(_BufferingAggregator):
         """How many of n updates are kept."""
         return max(1, min(n, n - self.f if self.m is None else self.m))
 
-    def reset(self, dim: int) -> None:
-        super().reset(dim)
-        self.inner.reset(self._require_dim())
+    def _clear(self) -> None:
         self._selected_ids = ()
         self._dropped_ids = ()
         self._scores = {}
-
-    def add(self, delta: np.ndarray, weight: float, *, client_id: str = "") -> None:
-        self._check_update(delta, weight, client_id)
-        if not math.isfinite(l2_norm(np.asarray(delta, dtype=np.float32))):
-            raise ValueError(
-                f"update of client {client_id!r} has a non-finite norm: "
-                "reject non-finite updates at intake"
-            )
-        super().add(delta, weight, client_id=client_id)
 
     def pairwise_sq_distances(self) -> np.ndarray:
         """(n, n) float64 squared L2 distances between the buffered updates (between their
@@ -1172,14 +1183,7 @@ class MultiKrum(_BufferingAggregator):
         others = np.sort(dist + np.diag(np.full(n, np.inf)), axis=1)[:, :k]  # self excluded
         return others.sum(axis=1)
 
-    def result(self) -> np.ndarray:
-        dim = self._require_dim()
-        if self._n == 0:
-            raise EmptyAggregationError(
-                "no update was added this round: there is nothing to aggregate "
-                "(skip the model update, or wait for more clients)"
-            )
-        assert self._buf is not None
+    def _feed_inner(self, dim: int) -> None:
         n = self._n
         if n <= 2 * self.f + 2:
             logger.warning("krum: %d updates for f=%d; its guarantee needs more than 2f + 2 = %d",
@@ -1187,7 +1191,6 @@ class MultiKrum(_BufferingAggregator):
         scores = self.krum_scores()
         keep = np.sort(np.argsort(scores, kind="stable")[: self.kept(n)])
         chosen = set(keep.tolist())
-        self.inner.reset(dim)
         for i in keep:
             self.inner.add(self._buf[i], self._weights[i], client_id=self._ids[i])
         self._selected_ids = tuple(self._ids[i] for i in keep)
@@ -1195,28 +1198,6 @@ class MultiKrum(_BufferingAggregator):
         self._scores = {self._ids[i]: float(scores[i]) for i in range(n)}
         if self._dropped_ids:
             logger.debug("krum: dropped %d of %d updates: %s", len(self._dropped_ids), n, self._dropped_ids)
-        return self.inner.result()
-
-    def _statistic(self, block: np.ndarray) -> np.ndarray:
-        raise AssertionError("MultiKrum overrides result(); no per-coordinate statistic")
-
-    def load_state(self, state: Mapping[str, StateValue]) -> None:
-        saved_inner = _as_str(state, "spec").split("|", 1)[-1]
-        if saved_inner != self.inner.spec:
-            raise ValueError(
-                f"checkpoint was made by {_as_str(state, 'spec')!r}, this aggregator is {self.spec!r}: "
-                "build it from the checkpoint's spec"
-            )
-        super().load_state(state)
-        self._selected_ids = ()
-        self._dropped_ids = ()
-        self._scores = {}
-        self.inner.reset(self._require_dim())
-
-
-# --------------------------------------------------------------------------------------
-# Specs
-# --------------------------------------------------------------------------------------
 
 
 def make_aggregator(spec: str) -> UpdateAggregator:

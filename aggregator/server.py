@@ -120,10 +120,6 @@ class _OpenRound:
     resumed: bool = False
     accepted_sha: dict[str, str] = field(default_factory=dict)  # device -> sha256 of its update (the ledger)
     refused: set[str] = field(default_factory=set)  # cohort devices whose update for this round was rejected
-
-    @property
-    def cohort_set(self) -> frozenset[str]:
-        return frozenset(self.cohort)
     steering_sent: bool = False                  # the devices not selected have their answer
     marks: dict[str, float] = field(default_factory=dict)   # phase -> time.monotonic() at its end
 
@@ -491,7 +487,7 @@ class Aggregator:
             r = self._round
             if r is not None:
                 r.rejected[exc.reason.value] += 1
-                if round_id == r.plan.round_id and device in r.cohort_set:
+                if round_id == r.plan.round_id and self._state is not None and device in self._state.cohort:
                     r.refused.add(device)  # its answer for this round is in: no need to wait for it
                     self._cv.notify_all()
         # a late report of an over-selected device is expected, not a problem

@@ -41,6 +41,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.aggregator_ingest import POOL, reference_bundle  # noqa: E402
+from bench.aggregator_memory_round import wait  # noqa: E402
 from device_sim.mosquitto import MosquittoBroker  # noqa: E402
 from edge_client.mqtt_hub import MqttHub, raise_fd_limit  # noqa: E402
 from protocol.codec import parse_codec  # noqa: E402
@@ -139,13 +140,6 @@ def prefault_heap(nbytes: int) -> bool:
     del warm
     return True
 
-
-def wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class RssSampler:

@@ -706,27 +706,34 @@ def scenario_sigkill(settings: SoakSettings) -> tuple[Invariants, list[Fault], f
 
 
 # -- scenario b: broker restarts mid-round ---------------------------------------------------------
-def retained_state(port: int, fleet: str, timeout_s: float) -> dict[str, bool]:
-    """Which of the retained bundle, model and round plan a fresh subscriber receives in time."""
-    topics = FleetTopics(fleet)
-    wanted = {topics.bundle: False, topics.model: False, topics.round: False}
-    got = threading.Event()
+def retained_topics(port: int, topics: list[str], timeout_s: float) -> set[str]:
+    """Which of ``topics`` a fresh subscriber receives a retained (non-empty) message on in time."""
+    got: set[str] = set()
+    done = threading.Event()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"soak-newcomer-{os.getpid()}", protocol=mqtt.MQTTv5)
 
     def on_message(c: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic in wanted and msg.payload:
-            wanted[msg.topic] = True
-            if all(wanted.values()):
-                got.set()
+        if msg.topic in topics and msg.payload:
+            got.add(msg.topic)
+            if got >= set(topics):
+                done.set()
 
     client.on_message = on_message
-    client.on_connect = lambda c, *a: c.subscribe([(t, 1) for t in wanted])
+    client.on_connect = lambda c, *a: c.subscribe([(t, 1) for t in topics])
     client.connect("127.0.0.1", port)
     client.loop_start()
-    got.wait(timeout_s)
+    done.wait(timeout_s)
     client.loop_stop()
     client.disconnect()
-    return {t.rsplit("/", 2)[-2] + "/" + t.rsplit("/", 1)[-1]: ok for t, ok in wanted.items()}
+    return got
+
+
+def retained_state(port: int, fleet: str, timeout_s: float) -> dict[str, bool]:
+    """Which of the retained bundle, model and round plan a fresh subscriber receives in time."""
+    topics = FleetTopics(fleet)
+    wanted = [topics.bundle, topics.model, topics.round]
+    got = retained_topics(port, wanted, timeout_s)
+    return {t.rsplit("/", 2)[-2] + "/" + t.rsplit("/", 1)[-1]: t in got for t in wanted}
 
 
 def scenario_broker_restart(settings: SoakSettings) -> tuple[Invariants, list[Fault], float, list[str]]:

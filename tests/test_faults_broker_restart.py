@@ -6,42 +6,16 @@ that has no session of its, publishes the retained bundle, model and round again
 device installed after the crash found no bundle to bootstrap from until the aggregator was
 restarted). Then the soak run: rounds finish, no accepted update lost or doubled.
 """
-import threading
-
-import paho.mqtt.client as mqtt
 import pytest
 
-from benchkit import load_bench
-
 from aggregator_testkit import fake_bundle, keypair, wait_until
+from benchkit import load_bench
 from device_sim.mosquitto import MosquittoBroker
 from protocol.topics import FleetTopics
 
 
-
 def _soak():
     return load_bench("soak_faults")
-
-
-def _retained(port: int, topics: list[str], timeout_s: float) -> set[str]:
-    got: set[str] = set()
-    done = threading.Event()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="newcomer", protocol=mqtt.MQTTv5)
-
-    def on_message(c, userdata, msg):
-        if msg.payload:
-            got.add(msg.topic)
-            if got >= set(topics):
-                done.set()
-
-    client.on_message = on_message
-    client.on_connect = lambda c, *a: c.subscribe([(t, 1) for t in topics])
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    done.wait(timeout_s)
-    client.loop_stop()
-    client.disconnect()
-    return got
 
 
 @pytest.mark.mosquitto
@@ -57,11 +31,11 @@ def test_aggregator_republishes_retained_state_when_the_broker_lost_it(tmp_path)
     agg = Aggregator(config, fake_bundle(), MqttSettings(port=broker.port, reconnect_max_s=2.0), keypair()[0])
     try:
         agg.start()
-        assert _retained(broker.port, wanted, 10) == set(wanted)
+        assert _soak().retained_topics(broker.port, wanted, 10) == set(wanted)
         broker.kill()       # nothing saved yet: retained messages and sessions are gone
         broker.start()      # same port, same (empty) persistence
         # the aggregator reconnects (paho backs off 1-2 s), sees no session, publishes again
-        wait_until(lambda: _retained(broker.port, wanted, 2) == set(wanted), 30, "the retained bundle and model")
+        wait_until(lambda: _soak().retained_topics(broker.port, wanted, 2) == set(wanted), 30, "the retained bundle and model")
     finally:
         agg.stop()
         broker.stop()

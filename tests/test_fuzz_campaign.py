@@ -25,14 +25,6 @@ EXPECTED_TARGETS = {"envelope", "messages", "model_message", "signing", "codec_p
                     "intake", "bundle", "client_config", "aggregator_config", "scenario_config"}
 # Parsers with findings that are reported but not fixed yet (the file belongs to someone else):
 # drop the entry once the parser is fixed, and the target must then pass like the others.
-OPEN_FINDINGS: dict[str, str] = {}  # target -> finding not fixed yet (marked xfail until it is)
-
-
-def _params():
-    return [pytest.param(name, marks=pytest.mark.xfail(reason=OPEN_FINDINGS[name], strict=False))
-            if name in OPEN_FINDINGS else name for name in sorted(EXPECTED_TARGETS)]
-
-
 @pytest.fixture(scope="module")
 def targets():
     return {t.name: t for t in all_targets(intake_dim=20_000)}
@@ -42,7 +34,7 @@ def test_every_parser_is_a_target(targets):
     assert set(targets) == EXPECTED_TARGETS
 
 
-@pytest.mark.parametrize("name", _params())
+@pytest.mark.parametrize("name", sorted(EXPECTED_TARGETS))
 def test_no_crash_and_no_hang_in_300_inputs(targets, name):
     stats = fuzz_target(targets[name], INPUTS, seed=12345, deadline_s=2.0)
     detail = "\n".join(f"{c['kind']}: {c.get('error', '')}\n{c.get('traceback', '')}" for c in stats.crashes[:3])
