@@ -6,14 +6,17 @@ count has reported; later reports are refused with `round_closed`.
 
 Pace steering: a device that was not selected is told when to come back. With a small
 population the answer is "at the next round", so that every round sees enough check-ins;
-with a large one the devices are spread at random over the next few rounds, so each round's
-window sees about `checkins_per_slot` check-ins per cohort seat instead of the whole fleet
-at once (the thundering herd that a global clock would cause).
+with a large one the devices are spread over the next few rounds, so each round's window sees
+about `checkins_per_slot` check-ins per cohort seat instead of the whole fleet at once (the
+thundering herd that a global clock would cause). Each device goes to the least-booked of
+those rounds, counting the devices already sent away: drawing every return at random over the
+span brought devices back after half the span on average, twice the check-ins aimed for.
 """
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -70,12 +73,40 @@ class PaceSteering:
         need = max(1.0, cohort_size * self.checkins_per_slot)
         return float(min(self.max_skip_rounds, max(1.0, self.population / need)))
 
-    def retry_after(self, cohort_size: int, elapsed_in_round_s: float) -> float:
-        """Seconds until an unselected device should check in again (0 = at the next round)."""
+    def retry_after(self, cohort_size: int, elapsed_in_round_s: float, booked_s: Iterable[float] = ()) -> float:
+        """Seconds until one unselected device should check in again (0 = at the next round)."""
+        return self.retry_afters(1, cohort_size, elapsed_in_round_s, booked_s)[0]
+
+    def retry_afters(self, count: int, cohort_size: int, elapsed_in_round_s: float,
+                     booked_s: Iterable[float] = ()) -> list[float]:
+        """Seconds until each of `count` unselected devices should check in again (0 = next round).
+
+        The population is spread over `slots` = ceil(spread_rounds) future rounds. Slot k is the
+        interval [k, k+1) round periods after the next plan; the devices already away
+        (`booked_s`: each one's seconds left) fill the slots they return in, and each new device
+        takes the least-filled one, at a random point inside it. Which device gets which slot
+        is shuffled, so a device's id does not decide how often it trains.
+        """
+        if count <= 0:
+            return []
         if self.period_s is None:
-            return 0.0
+            return [0.0] * count
         span = self.spread_rounds(cohort_size)
         if span <= 1.0:
-            return 0.0
+            return [0.0] * count
+        slots = min(self.max_skip_rounds, math.ceil(span))
         until_next = max(0.0, self.period_s - elapsed_in_round_s)
-        return until_next + float(self._rng.uniform(0.0, span - 1.0)) * self.period_s
+        load = [0] * slots
+        for left in booked_s:
+            k = math.floor((left - until_next) / self.period_s)
+            if 0 <= k < slots:
+                load[k] += 1
+        order = [int(k) for k in self._rng.permutation(slots)]  # ties go in a random slot order
+        chosen = []
+        for _ in range(count):
+            k = min(order, key=load.__getitem__)
+            load[k] += 1
+            chosen.append(k)
+        self._rng.shuffle(chosen)
+        jitter = self._rng.uniform(0.0, 1.0, size=count)
+        return [until_next + (k + float(j)) * self.period_s for k, j in zip(chosen, jitter)]

@@ -420,7 +420,7 @@ class Aggregator:
                         self._dirty = True
                         self._cv.notify_all()
                 elif device not in r.cohort:  # window closed: tell it when to come back (pace steering)
-                    retry = self._retry_after(r)
+                    retry = self._retry_afters(r, 1)[0]
                     self._steered_until[device] = time.time() + retry
                     reply = self._assignment_message(device, Assignment(checkin.round_id, False, retry, "window_closed"))
         self._defer(token, reply)
@@ -728,10 +728,10 @@ class Aggregator:
             r.goal = cfg.goal(len(r.cohort))
             chosen = set(r.cohort)
             now = time.time()
-            for device in candidates:
-                if device not in chosen:
-                    r.retry[device] = self._retry_after(r)
-                    self._steered_until[device] = now + r.retry[device]
+            others = [device for device in candidates if device not in chosen]
+            for device, retry in zip(others, self._retry_afters(r, len(others))):
+                r.retry[device] = retry
+                self._steered_until[device] = now + retry
             assert self._state is not None
             self._state.cohort = chosen
             r.phase = "reporting"
@@ -773,11 +773,14 @@ class Aggregator:
         if not r.steering_sent:
             self._send_steering(r)
 
-    def _retry_after(self, r: _OpenRound) -> float:
+    def _retry_afters(self, r: _OpenRound, count: int) -> list[float]:
+        """retry_after for `count` devices not needed now, around those already sent away (lock held)."""
         if not self.config.pace_steering:
-            return 0.0
-        return round(self._pace.retry_after(self.config.cohort_size(len(r.checkins)),
-                                            time.time() - r.started_unix), 3)
+            return [0.0] * count
+        now = time.time()
+        booked = [until - now for until in self._steered_until.values() if until > now]
+        retries = self._pace.retry_afters(count, self.config.cohort_size(len(r.checkins)), now - r.started_unix, booked)
+        return [round(retry, 3) for retry in retries]
 
     def steered_away_now(self) -> int:
         """Devices told to come back later whose retry_after has not run out: the next round's

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 # How long a device waits for the retained delta of the round's base version before it
 # fetches the full model instead.
 DELTA_WAIT_S = 10.0
+# A device steered away by pace steering listens for round plans again this long before its
+# retry_after runs out, so it is subscribed by the time the next plan after it is published.
+WAKE_EARLY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,9 @@ class DeviceClient:
         self._fetching_model = False
         self._fetch_topic: str | None = None   # model/current or model/delta while fetching
         self._retry_at = 0.0                   # pace steering: no check-in before this (monotonic)
+        self._quiet = False                    # steered away: not subscribed to round plans
+        self._plan_sub_mid: int | None = None  # the wake-up subscription not yet acknowledged
+        self._ignore_retained_plan = False     # after a wake-up: the retained plan is one it sat out
         self._model_version = -1
         self._weights: np.ndarray | None = None
         self._secure: SecureUpdate | None = None  # the secure-aggregation round in progress
@@ -163,7 +169,7 @@ class DeviceClient:
         client.on_connect = self._on_connect
         client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect
-        client.on_subscribe = lambda *args: self.ready.set()
+        client.on_subscribe = self._on_subscribe
         return client
 
     def start(self, delay_s: float = 0.0) -> None:
@@ -199,15 +205,24 @@ class DeviceClient:
             return
         self.stats.connects += 1
         me = self.config.device_id
-        subs = [(self.topics.round, 1), (self.topics.assign(me), 1), (self.topics.ack(me), 1),
+        subs = [(self.topics.assign(me), 1), (self.topics.ack(me), 1),
                 (self.topics.secagg_roster, 1), (self.topics.secagg_unmask, 1), (self.topics.secagg_down(me), 1)]
         with self._lock:
+            if not self._quiet:  # a steered-away device subscribes when its retry_after runs out
+                subs.insert(0, (self.topics.round, 1))
+                self._ignore_retained_plan = False  # a new session: the retained plan may be news
             if self._fetching_model:
                 subs.append((self._fetch_topic or self.topics.model, 1))
         client.subscribe(subs)
         client.publish(self.topics.status(me), self._status_payload("online"), qos=1, retain=True)
         if self.outbox is not None and len(self.outbox):
             self._executor.submit(self._flush_outbox)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, *args: object) -> None:
+        with self._lock:
+            if mid == self._plan_sub_mid:
+                self._plan_sub_mid = None
+        self.ready.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, reason_code: object,
                        properties: object = None) -> None:
@@ -218,7 +233,8 @@ class DeviceClient:
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         try:
             if msg.topic == self.topics.round:
-                self._handle_plan(decode_envelope(msg.payload, expect=Kind.PLAN))
+                if not (msg.retain and self._ignore_retained_plan):
+                    self._handle_plan(decode_envelope(msg.payload, expect=Kind.PLAN))
             elif msg.topic == self.topics.model:
                 self.stats.downlink_bytes += len(msg.payload)
                 env = decode_envelope(msg.payload, max_payload=self.config.max_payload, expect=Kind.MODEL)
@@ -282,6 +298,7 @@ class DeviceClient:
             if not assignment.selected:
                 if assignment.retry_after_s > 0:
                     self._retry_at = max(self._retry_at, time.monotonic() + assignment.retry_after_s)
+                    self._go_quiet()
                 return
             if self._assigned_round >= plan.round_id:
                 return  # QoS 1 redelivery
@@ -308,6 +325,43 @@ class DeviceClient:
         """Seconds until pace steering lets this device check in again (0: it may now); lets a
         simulator know how many devices will answer a round plan."""
         return max(0.0, self._retry_at - time.monotonic())
+
+    @property
+    def hears_plans(self) -> bool:
+        """Subscribed to round plans (and the broker confirmed it): the next plan will reach this
+        device. False while pace steering keeps it away and until its wake-up is acknowledged."""
+        with self._lock:
+            return not self._quiet and self._plan_sub_mid is None
+
+    def _go_quiet(self) -> None:
+        """Stop hearing round plans until the retry_after runs out (lock held).
+
+        Every plan published meanwhile would only be parsed and dropped: a phone would wake for
+        it, a simulator would spend its network thread on it. At the wake-up the device
+        subscribes again and sits out the retained plan, whose window it cannot tell is still
+        open (answering a closed window would only earn another retry_after); the next plan
+        reaches it live. With a retry shorter than the early wake-up it keeps listening.
+        """
+        wait = self._retry_at - time.monotonic() - WAKE_EARLY_S
+        if self._quiet or wait <= 0:
+            return
+        self._quiet = True
+        self._client.unsubscribe(self.topics.round)
+        call_later(wait, self._wake_up)
+
+    def _wake_up(self) -> None:
+        with self._lock:
+            if self._stopped.is_set() or not self._quiet:
+                return
+            wait = self._retry_at - time.monotonic() - WAKE_EARLY_S
+            if wait > 0:  # told to stay away longer meanwhile
+                call_later(wait, self._wake_up)
+                return
+            self._quiet = False
+            self._ignore_retained_plan = True
+            rc, mid = self._client.subscribe(self.topics.round, 1)
+            # not connected: the next connection subscribes (and hears the retained plan)
+            self._plan_sub_mid = mid if rc == mqtt.MQTT_ERR_SUCCESS else None
 
     def _schedule_check_in(self, plan: RoundPlan, wait_s: float) -> None:
         """Check in to `plan` after `wait_s` if its window is still open then (else the next plan will)."""

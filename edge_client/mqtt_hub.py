@@ -39,7 +39,8 @@ class _Conn:
     attempts: int = 0
     next_try: float = 0.0
     started: bool = False
-    want_write: bool = False
+    want_write: bool = False     # EVENT_WRITE registered: a write found the socket full
+    flush_due: bool = False      # paho queued a packet: write it at the end of this loop turn
     properties: object | None = None
     extra: dict = field(default_factory=dict)
 
@@ -66,6 +67,7 @@ class MqttHub:
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
         self._conns: dict[int, _Conn] = {}          # id(client) -> connection
         self._by_sock: dict[int, _Conn] = {}        # fileno -> connection
+        self._flush: list[_Conn] = []               # connections with packets queued this turn
         self._misc_interval = misc_interval_s
         self._rng = rng or random.Random()
         self._running = False
@@ -73,6 +75,10 @@ class MqttHub:
 
     # ---- public API (any thread) --------------------------------------------------------------
     def start(self) -> "MqttHub":
+        """Start the hub thread; a second call (e.g. `with MqttHub().start() as hub`) is a no-op:
+        two loops on one selector would read one socket in turns and tear its packets apart."""
+        if self._thread is not None and self._thread.is_alive():
+            return self
         self._running = True
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
@@ -175,6 +181,28 @@ class MqttHub:
                         conn.client.loop_misc()
                 next_misc = now + self._misc_interval
             self._connect_due(now)
+            self._flush_writes()
+
+    def _flush_writes(self) -> None:
+        """Write what paho queued during this loop turn straight away.
+
+        The socket almost always has room, so asking epoll for EVENT_WRITE first (two
+        epoll_ctl calls and one more loop turn per packet) was pure overhead: a fleet's check-in
+        is a thousand one-packet publishes. Only a write that leaves data behind waits for
+        EVENT_WRITE.
+        """
+        while self._flush:
+            conns, self._flush = self._flush, []
+            for conn in conns:
+                conn.flush_due = False
+                if conn.sock is None:
+                    continue
+                try:
+                    conn.client.loop_write()
+                    if conn.sock is not None and conn.client.want_write():
+                        self._set_write_interest(conn, True)
+                except Exception:  # a callback bug must not stop every other device
+                    log.exception("%s: error writing for %s", self.name, conn.client._client_id)
 
     def _drain_ops(self) -> None:
         # Wake bytes first, then the queue: an op queued after this point writes a new wake
@@ -283,7 +311,17 @@ class MqttHub:
 
     def _op_want_write(self, client: mqtt.Client, want: bool) -> None:
         conn = self._conns.get(id(client))
-        if conn is None or conn.sock is None or conn.want_write == want:
+        if conn is None or conn.sock is None:
+            return
+        if want and not conn.want_write:
+            if not conn.flush_due:
+                conn.flush_due = True
+                self._flush.append(conn)
+            return
+        self._set_write_interest(conn, want)
+
+    def _set_write_interest(self, conn: _Conn, want: bool) -> None:
+        if conn.want_write == want or conn.sock is None:
             return
         conn.want_write = want
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)

@@ -43,11 +43,49 @@ def test_pace_steering_spreads_a_large_population_and_keeps_a_small_one_coming()
     for d in range(1000):
         pace.observe_checkin(f"d{d}")
     assert pace.spread_rounds(13) == 8.0  # 1000 / 26 capped at 8 rounds
-    retries = np.array([pace.retry_after(13, 10.0) for _ in range(2000)])
-    assert retries.min() >= 50.0 and retries.max() <= 50.0 + 7 * 60.0  # from the next round on, over 7 more
-    # spread evenly: about the same number of devices come back in each later round
-    per_round = np.histogram((retries - 50.0) // 60.0, bins=7, range=(0, 7))[0]
-    assert per_round.min() > 200
+    retries = np.array(pace.retry_afters(2000, 13, 10.0))
+    assert retries.min() >= 50.0 and retries.max() <= 50.0 + 8 * 60.0  # from the next round on, over 8
+    # spread evenly: the same number of devices come back in each later round
+    per_round = np.histogram((retries - 50.0) // 60.0, bins=8, range=(0, 8))[0]
+    assert per_round.tolist() == [250] * 8
+
+
+def test_pace_steering_fills_the_rounds_fewest_devices_return_in():
+    pace = PaceSteering(checkins_per_slot=2.0, max_skip_rounds=8, seed=1)
+    for d in range(1000):
+        pace.observe_checkin(f"d{d}")
+    pace.observe_round(60.0)
+    # 400 devices already away, all coming back in the first four slots
+    booked = [50.0 + k * 60.0 + 30.0 for k in range(4) for _ in range(100)]
+    retries = np.array(pace.retry_afters(500, 13, 10.0, booked))
+    per_round = np.histogram((retries - 50.0) // 60.0, bins=8, range=(0, 8))[0]
+    # the empty slots fill to 100 first, then all eight rise together: 900 / 8 = 112.5 each
+    assert per_round[:4].sum() == 50 and per_round[4:].sum() == 450
+    assert set((per_round + np.array([100] * 4 + [0] * 4)).tolist()) == {112, 113}
+
+
+def test_pace_steering_steady_state_keeps_check_ins_near_the_aim():
+    """Rounds of 60 s, 1,000 devices, 13 seats: about 26 check-ins a round are aimed for; with
+    max 8 rounds away, the 987 devices not selected can come back no rarer than every 9 rounds
+    (~110 a round). Drawing each return uniformly over the span (the old rule) gave ~2x that."""
+    rng = np.random.default_rng(0)
+    pace = PaceSteering(checkins_per_slot=2.0, max_skip_rounds=8, seed=2)
+    for d in range(1000):
+        pace.observe_checkin(f"d{d}")
+    pace.observe_round(60.0)
+    back_at = {f"d{d}": 0.0 for d in range(1000)}
+    counts = []
+    for r in range(40):
+        t = r * 60.0
+        here = sorted(d for d, at in back_at.items() if at <= t)
+        counts.append(len(here))
+        chosen = set(rng.choice(here, size=13, replace=False).tolist())
+        others = [d for d in here if d not in chosen]
+        booked = [at - (t + 10.0) for d, at in back_at.items() if at > t + 10.0]
+        for d, retry in zip(others, pace.retry_afters(len(others), 13, 10.0, booked)):
+            back_at[d] = t + 10.0 + retry
+    steady = counts[20:]
+    assert max(steady) - min(steady) <= 10 and 110 <= np.mean(steady) <= 140
 
 
 def test_period_is_a_moving_average_and_population_forgets_old_rounds():

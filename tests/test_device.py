@@ -406,6 +406,41 @@ def test_forged_unsigned_tampered_and_replayed_models_are_refused(stack, bundle,
 
 
 
+# -- pace steering ------------------------------------------------------------------------------------------
+@pytest.mark.mosquitto
+def test_a_steered_away_device_stops_hearing_plans_until_its_retry_runs_out(stack, bundle, mosquitto, keys, tmp_path):
+    """Told "come back in 1.5 s", the device unsubscribes from round plans; the plan published
+    meanwhile never reaches it (it would otherwise check in to it once the retry ran out). At
+    the wake-up it sits out the retained plan (its window may be closed) and checks in to the
+    next plan published live. The test plays the aggregator's part on the broker."""
+    _, public_key = keys
+    fleet, topics = "steer", FleetTopics("steer")
+    settings = settings_for(mosquitto.port, 5)
+    events = Events()
+    device = start_device(stack, bundle, settings, public_key, fleet, tmp_path, events=events)
+
+    def plan(round_id: int) -> bytes:
+        return RoundPlan(round_id=round_id, base_version=0, model_id=bundle.model_id, codec="q8", target_count=1,
+                         checkin_window_s=30.0, report_deadline_s=60.0).to_envelope(fleet).encode()
+
+    def checked_in_rounds() -> list[int]:
+        return [fields["round"] for fields in events.named("checkin")]
+
+    publish(settings, topics.round, plan(1), retain=True)
+    wait_for(lambda: checked_in_rounds() == [1], "the check-in to round 1")
+    assert device.hears_plans
+    publish(settings, topics.assign(DEVICE),
+            Assignment(1, False, retry_after_s=1.5, reason="not_selected").to_envelope(fleet, DEVICE).encode())
+    wait_for(lambda: not device.hears_plans, "the device to stop hearing plans")
+    publish(settings, topics.round, plan(2), retain=True)  # while it is away
+    wait_for(lambda: device.hears_plans, "the device to listen again", timeout_s=10)
+    time.sleep(1.5)  # past the retry: a device that had heard plan 2 would have checked in by now
+    assert checked_in_rounds() == [1] and device._plan.round_id == 1
+    publish(settings, topics.round, plan(3), retain=True)
+    wait_for(lambda: checked_in_rounds() == [1, 3], "the check-in to round 3")
+    assert device.stats.checkins == 2
+
+
 # -- local DP ---------------------------------------------------------------------------------------------
 def test_local_dp_noises_the_update_before_it_leaves_the_device(stack, bundle, keys, amqtt, tmp_path):
     """What reaches the aggregator is the clipped update plus N(0, sigma^2) per coordinate: with

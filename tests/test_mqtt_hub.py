@@ -1,5 +1,6 @@
 """The hub drives many real MQTT connections on one thread and brings them back after a loss."""
 import random
+import signal
 import threading
 import time
 
@@ -89,3 +90,42 @@ def test_unreachable_broker_keeps_retrying_without_blocking_others(tmp_path):
         hub.add(alive, "127.0.0.1", broker.port)
         assert wait_for(lambda: alive.is_connected(), 10)
         assert not dead.is_connected()
+
+
+def test_a_publish_goes_out_in_the_same_turn_and_a_backlog_waits_for_epoll(tmp_path):
+    """Small publishes are written straight away (no EVENT_WRITE registration and extra loop
+    turn per packet); 16 MB published at once outgrows the socket buffer, so the hub registers
+    EVENT_WRITE for the rest, and everything still arrives, in order."""
+    with MosquittoBroker(workdir=tmp_path / "m") as broker, MqttHub("flush").start() as hub:
+        subscribed = threading.Semaphore(0)
+        got: list = []
+        sub = make_client(0, subscribed, got)
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="flush-pub", protocol=mqtt.MQTTv5)
+        registered: list[bool] = []
+        set_interest = hub._set_write_interest
+        hub._set_write_interest = lambda conn, want: (registered.append(want) if conn.client is pub else None,
+                                                      set_interest(conn, want))
+        hub.add(sub, "127.0.0.1", broker.port)
+        hub.add(pub, "127.0.0.1", broker.port)
+        assert subscribed.acquire(timeout=10) and wait_for(pub.is_connected, 10)
+        for i in range(20):
+            pub.publish("hub/all", b"small %d" % i, qos=1)
+        assert wait_for(lambda: len(got) == 20, 10), len(got)
+        assert True not in registered  # twenty packets, no EVENT_WRITE round trip
+        big = [bytes([i]) * (1 << 20) for i in range(16)]
+        broker.proc.send_signal(signal.SIGSTOP)  # the broker stops reading: the socket fills for sure
+        try:
+            for payload in big:
+                pub.publish("hub/all", payload, qos=1)
+            assert wait_for(lambda: True in registered, 10), registered
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        assert wait_for(lambda: len(got) == 36, 30), len(got)
+        assert got[20:] == big
+
+
+def test_starting_twice_runs_one_loop():
+    hub = MqttHub("twice")
+    with hub.start() as same:  # __enter__ starts it again
+        assert same is hub
+        assert sum(t.name == "twice" for t in threading.enumerate()) == 1
