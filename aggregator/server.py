@@ -106,6 +106,7 @@ class _OpenRound:
     window_end_unix: float
     deadline_unix: float = 0.0
     steered_away: int = 0
+    expected: int = 0                            # the window closes at this many check-ins (0: at its end)
     checkins: dict[str, CheckIn] = field(default_factory=dict)
     cohort: list[str] = field(default_factory=list)
     retry: dict[str, float] = field(default_factory=dict)   # unselected device -> retry_after_s
@@ -418,7 +419,8 @@ class Aggregator:
                         self._pace.observe_checkin(device)
                         self.metrics.c(self.metrics.checkins).inc()
                         self._dirty = True
-                        self._cv.notify_all()
+                        if r.expected and len(r.checkins) >= r.expected:  # not a wake-up per check-in
+                            self._cv.notify_all()
                 elif device not in r.cohort:  # window closed: tell it when to come back (pace steering)
                     retry = self._retry_afters(r, 1)[0]
                     self._steered_until[device] = time.time() + retry
@@ -715,8 +717,8 @@ class Aggregator:
 
     def _checkin_phase(self, r: _OpenRound) -> None:
         cfg = self.config
-        expected = max(1, cfg.expected_checkins - r.steered_away) if cfg.expected_checkins else 0
         with self._cv:
+            r.expected = expected = max(1, cfg.expected_checkins - r.steered_away) if cfg.expected_checkins else 0
             while True:
                 self._raise_if_failed()
                 left = r.window_end_unix - time.time()
