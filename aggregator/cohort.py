@@ -4,8 +4,9 @@ Over-selection: some selected devices always drop out (unplugged, lost network, 
 a round selects more devices than it needs (130 % by default) and commits as soon as the goal
 count has reported; later reports are refused with `round_closed`.
 
-Pace steering: a device that was not selected is told when to come back. With a small
-population the answer is "at the next round", so that every round sees enough check-ins;
+Pace steering: every device that checked in is told when to come back (a selected one, for
+after its round: coming straight back, the cohort made up a third of the next window). With a
+small population the answer is "at the next round", so that every round sees enough check-ins;
 with a large one the devices are spread over the next few rounds, so each round's window sees
 about `checkins_per_slot` check-ins per cohort seat instead of the whole fleet at once (the
 thundering herd that a global clock would cause). Each device goes to the least-booked of
@@ -73,19 +74,24 @@ class PaceSteering:
         need = max(1.0, cohort_size * self.checkins_per_slot)
         return float(min(self.max_skip_rounds, max(1.0, self.population / need)))
 
+    def until_next_round(self, elapsed_in_round_s: float) -> float:
+        """Seconds until the next round is expected to start (0 before the period is known)."""
+        return 0.0 if self.period_s is None else max(0.0, self.period_s - elapsed_in_round_s)
+
     def retry_after(self, cohort_size: int, elapsed_in_round_s: float, booked_s: Iterable[float] = ()) -> float:
         """Seconds until one unselected device should check in again (0 = at the next round)."""
         return self.retry_afters(1, cohort_size, elapsed_in_round_s, booked_s)[0]
 
     def retry_afters(self, count: int, cohort_size: int, elapsed_in_round_s: float,
                      booked_s: Iterable[float] = ()) -> list[float]:
-        """Seconds until each of `count` unselected devices should check in again (0 = next round).
+        """Seconds until each of `count` devices should check in again (0 = at the next round).
 
-        The population is spread over `slots` = ceil(spread_rounds) future rounds. Slot k is the
-        interval [k, k+1) round periods after the next plan; the devices already away
-        (`booked_s`: each one's seconds left) fill the slots they return in, and each new device
-        takes the least-filled one, at a random point inside it. Which device gets which slot
-        is shuffled, so a device's id does not decide how often it trains.
+        The population is spread over the next `slots` = ceil(spread_rounds) rounds: slot k is
+        the round period that ends with the plan of round r+1+k (slot 0: before the next plan).
+        The devices already away (`booked_s`: each one's seconds left) fill the slots they come
+        back in, and each new device takes the least-filled one, at a random point inside it.
+        Which device gets which slot is shuffled, so a device's id does not decide how often it
+        trains.
         """
         if count <= 0:
             return []
@@ -95,10 +101,10 @@ class PaceSteering:
         if span <= 1.0:
             return [0.0] * count
         slots = min(self.max_skip_rounds, math.ceil(span))
-        until_next = max(0.0, self.period_s - elapsed_in_round_s)
+        start = self.until_next_round(elapsed_in_round_s) - self.period_s  # slot 0 starts here
         load = [0] * slots
         for left in booked_s:
-            k = math.floor((left - until_next) / self.period_s)
+            k = math.floor((left - start) / self.period_s)
             if 0 <= k < slots:
                 load[k] += 1
         order = [int(k) for k in self._rng.permutation(slots)]  # ties go in a random slot order
@@ -109,4 +115,4 @@ class PaceSteering:
             chosen.append(k)
         self._rng.shuffle(chosen)
         jitter = self._rng.uniform(0.0, 1.0, size=count)
-        return [until_next + (k + float(j)) * self.period_s for k, j in zip(chosen, jitter)]
+        return [max(0.0, start + (k + float(j)) * self.period_s) for k, j in zip(chosen, jitter)]

@@ -421,9 +421,14 @@ class Aggregator:
                         self._dirty = True
                         if r.expected and len(r.checkins) >= r.expected:  # not a wake-up per check-in
                             self._cv.notify_all()
-                elif device not in r.cohort:  # window closed: tell it when to come back (pace steering)
-                    retry = self._retry_afters(r, 1)[0]
-                    self._steered_until[device] = time.time() + retry
+                elif device not in r.cohort:
+                    # window closed: come back for the next round. Not spread again: this device
+                    # already sat out the rounds it was given (a device back from pace steering
+                    # hears the retained plan, whose window may have closed)
+                    now = time.time()
+                    retry = round(self._pace.until_next_round(now - r.started_unix), 3) \
+                        if self.config.pace_steering else 0.0
+                    self._steered_until[device] = now + retry
                     reply = self._assignment_message(device, Assignment(checkin.round_id, False, retry, "window_closed"))
         self._defer(token, reply)
 
@@ -731,8 +736,11 @@ class Aggregator:
             chosen = set(r.cohort)
             now = time.time()
             others = [device for device in candidates if device not in chosen]
-            for device, retry in zip(others, self._retry_afters(r, len(others))):
-                r.retry[device] = retry
+            # the cohort waits its turn too once this round is done (told with its assignment):
+            # coming straight back, it made up a third of the next window's check-ins
+            for device, retry in zip(others + r.cohort, self._retry_afters(r, len(candidates))):
+                if device not in chosen:
+                    r.retry[device] = retry
                 self._steered_until[device] = now + retry
             assert self._state is not None
             self._state.cohort = chosen
@@ -753,8 +761,11 @@ class Aggregator:
         cohort is training (`_steer_once`): up to a whole fleet's worth of them would otherwise
         queue in front of the cohort's model downloads while the trainers wait.
         """
-        for device in r.cohort:
-            self._publish(*self._assignment_message(device, Assignment(r.plan.round_id, True, 0.0, "")))
+        now = time.time()
+        with self._cv:
+            retries = [round(max(0.0, self._steered_until.get(d, now) - now), 3) for d in r.cohort]
+        for device, retry in zip(r.cohort, retries):
+            self._publish(*self._assignment_message(device, Assignment(r.plan.round_id, True, retry, "")))
         r.marks["assigned"] = time.monotonic()
         if steer:
             self._send_steering(r)

@@ -145,7 +145,6 @@ class DeviceClient:
         self._retry_at = 0.0                   # pace steering: no check-in before this (monotonic)
         self._quiet = False                    # steered away: not subscribed to round plans
         self._plan_sub_mid: int | None = None  # the wake-up subscription not yet acknowledged
-        self._ignore_retained_plan = False     # after a wake-up: the retained plan is one it sat out
         self._model_version = -1
         self._weights: np.ndarray | None = None
         self._secure: SecureUpdate | None = None  # the secure-aggregation round in progress
@@ -210,7 +209,6 @@ class DeviceClient:
         with self._lock:
             if not self._quiet:  # a steered-away device subscribes when its retry_after runs out
                 subs.insert(0, (self.topics.round, 1))
-                self._ignore_retained_plan = False  # a new session: the retained plan may be news
             if self._fetching_model:
                 subs.append((self._fetch_topic or self.topics.model, 1))
         client.subscribe(subs)
@@ -233,8 +231,7 @@ class DeviceClient:
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         try:
             if msg.topic == self.topics.round:
-                if not (msg.retain and self._ignore_retained_plan):
-                    self._handle_plan(decode_envelope(msg.payload, expect=Kind.PLAN))
+                self._handle_plan(decode_envelope(msg.payload, expect=Kind.PLAN))
             elif msg.topic == self.topics.model:
                 self.stats.downlink_bytes += len(msg.payload)
                 env = decode_envelope(msg.payload, max_payload=self.config.max_payload, expect=Kind.MODEL)
@@ -303,6 +300,9 @@ class DeviceClient:
             if self._assigned_round >= plan.round_id:
                 return  # QoS 1 redelivery
             self._assigned_round = plan.round_id
+            if assignment.retry_after_s > 0:  # after this round, wait for a later one (pace steering)
+                self._retry_at = max(self._retry_at, time.monotonic() + assignment.retry_after_s)
+                self._go_quiet()
             have_model = self._weights is not None and self._model_version == plan.base_version
             use_delta = (not have_model and plan.delta_downlink and self._weights is not None
                          and self._model_version == plan.base_version - 1)
@@ -338,9 +338,9 @@ class DeviceClient:
 
         Every plan published meanwhile would only be parsed and dropped: a phone would wake for
         it, a simulator would spend its network thread on it. At the wake-up the device
-        subscribes again and sits out the retained plan, whose window it cannot tell is still
-        open (answering a closed window would only earn another retry_after); the next plan
-        reaches it live. With a retry shorter than the early wake-up it keeps listening.
+        subscribes again and the broker hands it the retained plan: if that round's window has
+        closed, the aggregator answers "window_closed" and when the next round starts. With a
+        retry shorter than the early wake-up it keeps listening.
         """
         wait = self._retry_at - time.monotonic() - WAKE_EARLY_S
         if self._quiet or wait <= 0:
@@ -358,7 +358,6 @@ class DeviceClient:
                 call_later(wait, self._wake_up)
                 return
             self._quiet = False
-            self._ignore_retained_plan = True
             rc, mid = self._client.subscribe(self.topics.round, 1)
             # not connected: the next connection subscribes (and hears the retained plan)
             self._plan_sub_mid = mid if rc == mqtt.MQTT_ERR_SUCCESS else None

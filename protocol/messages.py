@@ -165,7 +165,8 @@ class CheckIn:
 
 @dataclass(frozen=True)
 class Assignment:
-    """The aggregator's answer to a check-in: selected or not, and when to come back."""
+    """The aggregator's answer to a check-in: selected or not, and when to check in again (a
+    selected device too: after its round; 0 = at the next round)."""
 
     round_id: int
     selected: bool

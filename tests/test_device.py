@@ -409,10 +409,10 @@ def test_forged_unsigned_tampered_and_replayed_models_are_refused(stack, bundle,
 # -- pace steering ------------------------------------------------------------------------------------------
 @pytest.mark.mosquitto
 def test_a_steered_away_device_stops_hearing_plans_until_its_retry_runs_out(stack, bundle, mosquitto, keys, tmp_path):
-    """Told "come back in 1.5 s", the device unsubscribes from round plans; the plan published
-    meanwhile never reaches it (it would otherwise check in to it once the retry ran out). At
-    the wake-up it sits out the retained plan (its window may be closed) and checks in to the
-    next plan published live. The test plays the aggregator's part on the broker."""
+    """Told "come back in 1.5 s", the device unsubscribes from round plans: a plan published
+    meanwhile never reaches it (subscribed, it would have checked in to it once the retry ran
+    out). At the wake-up it subscribes again and the broker hands it the retained plan, which it
+    answers. The test plays the aggregator's part on the broker."""
     _, public_key = keys
     fleet, topics = "steer", FleetTopics("steer")
     settings = settings_for(mosquitto.port, 5)
@@ -426,19 +426,26 @@ def test_a_steered_away_device_stops_hearing_plans_until_its_retry_runs_out(stac
     def checked_in_rounds() -> list[int]:
         return [fields["round"] for fields in events.named("checkin")]
 
+    def steer_away(round_id: int) -> None:
+        assert device.hears_plans
+        publish(settings, topics.assign(DEVICE), Assignment(round_id, False, retry_after_s=1.5,
+                                                            reason="not_selected").to_envelope(fleet, DEVICE).encode())
+        wait_for(lambda: not device.hears_plans, "the device to stop hearing plans")
+
     publish(settings, topics.round, plan(1), retain=True)
     wait_for(lambda: checked_in_rounds() == [1], "the check-in to round 1")
-    assert device.hears_plans
-    publish(settings, topics.assign(DEVICE),
-            Assignment(1, False, retry_after_s=1.5, reason="not_selected").to_envelope(fleet, DEVICE).encode())
-    wait_for(lambda: not device.hears_plans, "the device to stop hearing plans")
-    publish(settings, topics.round, plan(2), retain=True)  # while it is away
+    steer_away(1)
+    publish(settings, topics.round, plan(2))  # live only, while it is away: it never hears it
     wait_for(lambda: device.hears_plans, "the device to listen again", timeout_s=10)
     time.sleep(1.5)  # past the retry: a device that had heard plan 2 would have checked in by now
     assert checked_in_rounds() == [1] and device._plan.round_id == 1
+
     publish(settings, topics.round, plan(3), retain=True)
     wait_for(lambda: checked_in_rounds() == [1, 3], "the check-in to round 3")
-    assert device.stats.checkins == 2
+    steer_away(3)
+    publish(settings, topics.round, plan(4), retain=True)  # while it is away, retained
+    wait_for(lambda: checked_in_rounds() == [1, 3, 4], "the check-in to the retained round 4 after the wake-up")
+    assert device.stats.checkins == 3
 
 
 # -- local DP ---------------------------------------------------------------------------------------------

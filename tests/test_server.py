@@ -193,7 +193,8 @@ def test_pace_steering_spreads_unselected_devices_and_the_window_still_closes_ea
         assert run.end_round().committed
     # after one round the aggregator knows the period: 6 devices for 1 seat -> spread over rounds
     retries = [a.retry_after_s for a in run.fleet.assignments[round_id].values() if not a.selected]
-    assert len(retries) == 5 and all(r > 0 for r in retries) and len(set(retries)) > 1
+    # 0 = back for the next round (slot 0); the others are spread over the rounds after it
+    assert len(retries) == 5 and sum(r > 0 for r in retries) >= 3 and len(set(retries)) > 1
     assert run.agg._pace.spread_rounds(1) > 1
 
 
