@@ -78,6 +78,13 @@ class PaceSteering:
         """Seconds until the next round is expected to start (0 before the period is known)."""
         return 0.0 if self.period_s is None else max(0.0, self.period_s - elapsed_in_round_s)
 
+    def rounds_ahead(self, retry_s: float, elapsed_in_round_s: float) -> int:
+        """Which round a device told `retry_s` now comes back for: 1 = the next one."""
+        if self.period_s is None:
+            return 1
+        start = self.until_next_round(elapsed_in_round_s) - self.period_s
+        return 1 + max(0, math.floor((retry_s - start) / self.period_s))
+
     def retry_after(self, cohort_size: int, elapsed_in_round_s: float, booked_s: Iterable[float] = ()) -> float:
         """Seconds until one unselected device should check in again (0 = at the next round)."""
         return self.retry_afters(1, cohort_size, elapsed_in_round_s, booked_s)[0]

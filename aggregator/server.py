@@ -197,6 +197,10 @@ class Aggregator:
         self._pace = PaceSteering(checkins_per_slot=config.pace_checkins_per_slot,
                                   max_skip_rounds=config.pace_max_skip_rounds, seed=config.seed)
         self._steered_until: dict[str, float] = {}
+        # retained publishes (bundle, model, int8, plan) in order: a republish after a broker
+        # restart racing a commit left the previous version retained
+        self._retained_lock = threading.RLock()
+        self._back_for: dict[str, int] = {}  # steered device -> the round it is expected back for
         self._previous: tuple[int, set[str]] = (-1, set())  # the last round's accepted ids, for late duplicates
         self._inbox = _ByteBoundedQueue(config.intake_buffer_mb * 2**20)
         self._pending: list[_Pending] = []
@@ -294,20 +298,22 @@ class Aggregator:
         """Publish the retained state devices bootstrap from: bundle, model, delta, int8, the open
         round's plan (and its assignments). At start, and after reconnecting to a broker that lost
         our session, since it lost its retained messages too (a SIGKILL before it saved them)."""
-        self._publish(self.topics.bundle, bundle_envelope(self.config.fleet, self.bundle.to_bytes(), self.bundle.model_id),
-                      retain=True, wait=True)
-        self._publish_release(self.release)
-        if self._int8_envelope is not None:
-            self._publish(self.topics.model_int8, self._int8_envelope, retain=True, wait=True)
-        with self._cv:
-            r = self._round
-        if r is not None:  # resumed after a restart, or open while the broker restarted: tell the fleet again
-            self._publish(self.topics.round, r.plan.to_envelope(self.config.fleet).encode(), retain=True, wait=True)
-            if r.phase == "reporting":
-                self._send_assignments(r)
-                if self._link is not None:
-                    self._publish(*self._link.round_message(r.plan, r.cohort, self._state.open if self._state else False,
-                                                            self.config), retain=True, wait=True)
+        with self._retained_lock:  # what is current now; a commit or a new round waits, then overwrites it
+            self._publish(self.topics.bundle, bundle_envelope(self.config.fleet, self.bundle.to_bytes(),
+                                                              self.bundle.model_id), retain=True, wait=True)
+            self._publish_release(self.release)
+            if self._int8_envelope is not None:
+                self._publish(self.topics.model_int8, self._int8_envelope, retain=True, wait=True)
+            with self._cv:
+                r = self._round
+            if r is not None:  # resumed after a restart, or open while the broker restarted: tell the fleet again
+                self._publish(self.topics.round, r.plan.to_envelope(self.config.fleet).encode(), retain=True, wait=True)
+                if r.phase == "reporting":
+                    self._send_assignments(r)
+                    if self._link is not None:
+                        self._publish(*self._link.round_message(r.plan, r.cohort,
+                                                                self._state.open if self._state else False,
+                                                                self.config), retain=True, wait=True)
 
     def stop(self) -> None:
         """Flush and acknowledge what is checkpointed, then disconnect (the session stays on the broker)."""
@@ -429,7 +435,9 @@ class Aggregator:
                     retry = round(self._pace.until_next_round(now - r.started_unix), 3) \
                         if self.config.pace_steering else 0.0
                     self._steered_until[device] = now + retry
-                    reply = self._assignment_message(device, Assignment(checkin.round_id, False, retry, "window_closed"))
+                    self._back_for[device] = r.plan.round_id + 1
+                    reply = self._assignment_message(device, Assignment(checkin.round_id, False, retry, "window_closed",
+                                                                        r.plan.round_id + 1))
         self._defer(token, reply)
 
     def _handle_update(self, device: str, data: bytes, token: _Pending) -> None:
@@ -708,7 +716,9 @@ class Aggregator:
         now = time.time()
         with self._cv:
             self._steered_until = {d: t for d, t in self._steered_until.items() if t > now}
-            r = _OpenRound(plan, "checkin", now, now + cfg.checkin_window_s, steered_away=len(self._steered_until))
+            self._back_for = {d: b for d, b in self._back_for.items() if b > plan.round_id}
+            r = _OpenRound(plan, "checkin", now, now + cfg.checkin_window_s,
+                           steered_away=self._steered_away(plan.round_id, now))
             if self._state is not None:
                 self._previous = (self._state.round_id, set(self._state.accepted))
             self._state = RoundState(plan.round_id, plan.base_version, plan.codec)
@@ -716,7 +726,8 @@ class Aggregator:
             self._round = r
             self._dirty = True
         self.flush()
-        self._publish(self.topics.round, plan.to_envelope(cfg.fleet).encode(), retain=True)
+        with self._retained_lock:
+            self._publish(self.topics.round, plan.to_envelope(cfg.fleet).encode(), retain=True)
         r.marks["opened"] = time.monotonic()
         return r
 
@@ -742,6 +753,7 @@ class Aggregator:
                 if device not in chosen:
                     r.retry[device] = retry
                 self._steered_until[device] = now + retry
+                self._back_for[device] = r.plan.round_id + self._pace.rounds_ahead(retry, now - r.started_unix)
             assert self._state is not None
             self._state.cohort = chosen
             r.phase = "reporting"
@@ -764,8 +776,9 @@ class Aggregator:
         now = time.time()
         with self._cv:
             retries = [round(max(0.0, self._steered_until.get(d, now) - now), 3) for d in r.cohort]
-        for device, retry in zip(r.cohort, retries):
-            self._publish(*self._assignment_message(device, Assignment(r.plan.round_id, True, retry, "")))
+            back_for = [self._back_for.get(d, 0) for d in r.cohort]
+        for device, retry, back in zip(r.cohort, retries, back_for):
+            self._publish(*self._assignment_message(device, Assignment(r.plan.round_id, True, retry, "", back)))
         r.marks["assigned"] = time.monotonic()
         if steer:
             self._send_steering(r)
@@ -776,10 +789,11 @@ class Aggregator:
         now = time.time()
         with self._cv:
             r.steering_sent = True
-            answers = [(d, round(max(0.0, self._steered_until.get(d, now) - now), 3) if retry > 0 else 0.0)
-                       for d, retry in r.retry.items()]
-        for device, retry in answers:
-            self._publish(*self._assignment_message(device, Assignment(r.plan.round_id, False, retry, "not_selected")))
+            answers = [(d, round(max(0.0, self._steered_until.get(d, now) - now), 3) if retry > 0 else 0.0,
+                        self._back_for.get(d, 0)) for d, retry in r.retry.items()]
+        for device, retry, back in answers:
+            self._publish(*self._assignment_message(device, Assignment(r.plan.round_id, False, retry, "not_selected",
+                                                                       back)))
         r.marks["steered"] = time.monotonic()
 
     def _steer_once(self, r: _OpenRound) -> None:
@@ -796,11 +810,16 @@ class Aggregator:
         return [round(retry, 3) for retry in retries]
 
     def steered_away_now(self) -> int:
-        """Devices told to come back later whose retry_after has not run out: the next round's
-        window does not count on them (`expected_checkins` minus these)."""
-        now = time.time()
+        """Devices pace steering keeps out of the next round: the next round's window does not
+        count on them (`expected_checkins` minus these)."""
         with self._cv:
-            return sum(1 for until in self._steered_until.values() if until > now)
+            return self._steered_away(self.round_id + 1, time.time())
+
+    def _steered_away(self, round_id: int, now: float) -> int:
+        """Devices that will not check in to `round_id`: their retry_after runs on, or they are
+        expected back for a later round (lock held)."""
+        return sum(1 for d in self._steered_until.keys() | self._back_for.keys()
+                   if self._steered_until.get(d, 0.0) > now or self._back_for.get(d, 0) > round_id)
 
     def _reporting_phase(self, r: _OpenRound) -> None:
         # the devices not selected hear once the first update is in (the cohort has its models and
@@ -934,9 +953,10 @@ class Aggregator:
                              extra={"bundle_sha256": self.bundle.sha256, "round": self.round_id})
 
     def _publish_release(self, release: Release) -> None:
-        self._publish(self.topics.model, release.full.envelope_bytes, retain=True, wait=True)
-        if release.delta is not None:
-            self._publish(self.topics.model_delta, release.delta.envelope_bytes, retain=True, wait=True)
+        with self._retained_lock:
+            self._publish(self.topics.model, release.full.envelope_bytes, retain=True, wait=True)
+            if release.delta is not None:
+                self._publish(self.topics.model_delta, release.delta.envelope_bytes, retain=True, wait=True)
 
     def _maybe_publish_int8(self) -> None:
         every = self.config.int8_every
@@ -960,8 +980,9 @@ class Aggregator:
                                            extra={"bundle_sha256": self.bundle.sha256})
             if self._store is not None:
                 self._store.save_int8(data)
-            self._int8_envelope = data
-            self._publish(self.topics.model_int8, data, retain=True, wait=True)
+            with self._retained_lock:
+                self._int8_envelope = data
+                self._publish(self.topics.model_int8, data, retain=True, wait=True)
             log.info("published the int8 inference model of v%d (%d bytes)", version, len(tflite))
         except Exception:
             log.exception("int8 export of v%d failed; devices keep the previous inference model", version)

@@ -508,10 +508,10 @@ def _update_expected_checkins(agg: Aggregator, cfg: SimConfig, fleet: _Fleet, de
     running to its end.
 
     The readings are pinned at the round's start, so "eligible now" is what each client will
-    decide. Devices still waiting out a pace-steering retry_after do not hear plans (they
-    subscribe again just before it runs out: `DeviceClient.hears_plans`) or check in when it
-    runs out, from a timer; one that runs out during the window is welcome, but the window does
-    not wait for it (up to the whole window, the trainers idle). The aggregator subtracts the devices it
+    decide. Devices pace steering keeps away do not hear plans (they subscribe again when their
+    retry_after runs out) and sit out plans before the round they are expected back for
+    (`DeviceClient.will_answer`); one whose retry runs out during the window is welcome, but
+    the window does not wait for it (up to the whole window, the trainers idle). The aggregator subtracts the devices it
     steered away from `expected_checkins`, so they are added back as the aggregator counts them
     (not as the devices do: a device hears its retry_after later than it was decided, so its
     own retry runs out a little later). Without pace steering the check-ins are exactly the
@@ -522,7 +522,8 @@ def _update_expected_checkins(agg: Aggregator, cfg: SimConfig, fleet: _Fleet, de
     if fleet.scenario is None or cfg.shard is not None or not devices:
         return
     policy = fleet.scenario.eligibility
-    now_eligible = sum(1 for d in devices if d.client.check_in_wait_s <= 0 and d.client.hears_plans
+    next_round = agg.round_id + 1
+    now_eligible = sum(1 for d in devices if d.client.will_answer(next_round)
                        and policy.check(d.platform.read(), training=False).eligible)
     agg.config = dataclasses.replace(agg.config, expected_checkins=max(now_eligible, 1) + agg.steered_away_now())
 

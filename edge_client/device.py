@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 # How long a device waits for the retained delta of the round's base version before it
 # fetches the full model instead.
 DELTA_WAIT_S = 10.0
-# A device steered away by pace steering listens for round plans again this long before its
-# retry_after runs out, so it is subscribed by the time the next plan after it is published.
-WAKE_EARLY_S = 0.5
+# A pace-steering retry_after shorter than this is not worth an unsubscribe and a subscribe:
+# the device keeps hearing plans (and checks in once the retry has run out).
+QUIET_MIN_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,7 @@ class DeviceClient:
         self._fetching_model = False
         self._fetch_topic: str | None = None   # model/current or model/delta while fetching
         self._retry_at = 0.0                   # pace steering: no check-in before this (monotonic)
+        self._back_for_round = 0               # pace steering: plans of earlier rounds are sat out
         self._quiet = False                    # steered away: not subscribed to round plans
         self._plan_sub_mid: int | None = None  # the wake-up subscription not yet acknowledged
         self._model_version = -1
@@ -257,6 +258,8 @@ class DeviceClient:
             if self._plan is not None and plan.round_id <= self._plan.round_id:
                 return
             self._plan, self._plan_at = plan, time.monotonic()
+            if plan.round_id < self._back_for_round:
+                return  # pace steering expects this device for a later round
         self._maybe_check_in(plan)
 
     def _maybe_check_in(self, plan: RoundPlan) -> None:
@@ -295,6 +298,7 @@ class DeviceClient:
             if not assignment.selected:
                 if assignment.retry_after_s > 0:
                     self._retry_at = max(self._retry_at, time.monotonic() + assignment.retry_after_s)
+                    self._back_for_round = max(self._back_for_round, assignment.back_for_round)
                     self._go_quiet()
                 return
             if self._assigned_round >= plan.round_id:
@@ -302,7 +306,8 @@ class DeviceClient:
             self._assigned_round = plan.round_id
             if assignment.retry_after_s > 0:  # after this round, wait for a later one (pace steering)
                 self._retry_at = max(self._retry_at, time.monotonic() + assignment.retry_after_s)
-                self._go_quiet()
+                self._back_for_round = max(self._back_for_round, assignment.back_for_round)
+                # quiet once its update is acknowledged: not now, while the cohort fetches the model
             have_model = self._weights is not None and self._model_version == plan.base_version
             use_delta = (not have_model and plan.delta_downlink and self._weights is not None
                          and self._model_version == plan.base_version - 1)
@@ -326,6 +331,14 @@ class DeviceClient:
         simulator know how many devices will answer a round plan."""
         return max(0.0, self._retry_at - time.monotonic())
 
+    def will_answer(self, round_id: int) -> bool:
+        """Whether the plan of `round_id`, published now, gets a check-in (eligibility aside):
+        the device hears plans, its retry_after has run out, and pace steering expects it back
+        for this round or an earlier one. Lets a simulator close the window on the last one."""
+        with self._lock:
+            return (not self._quiet and self._plan_sub_mid is None and self._retry_at <= time.monotonic()
+                    and round_id >= self._back_for_round)
+
     @property
     def hears_plans(self) -> bool:
         """Subscribed to round plans (and the broker confirmed it): the next plan will reach this
@@ -338,12 +351,13 @@ class DeviceClient:
 
         Every plan published meanwhile would only be parsed and dropped: a phone would wake for
         it, a simulator would spend its network thread on it. At the wake-up the device
-        subscribes again and the broker hands it the retained plan: if that round's window has
-        closed, the aggregator answers "window_closed" and when the next round starts. With a
-        retry shorter than the early wake-up it keeps listening.
+        subscribes again and the broker hands it the retained plan: a plan of a round before the
+        one the aggregator expects it back for (`Assignment.back_for_round`) is sat out; the
+        expected round's plan (retained because the answer reached the device late) is
+        answered. With a retry shorter than QUIET_MIN_S it keeps listening.
         """
-        wait = self._retry_at - time.monotonic() - WAKE_EARLY_S
-        if self._quiet or wait <= 0:
+        wait = self._retry_at - time.monotonic()
+        if self._quiet or wait < QUIET_MIN_S:
             return
         self._quiet = True
         self._client.unsubscribe(self.topics.round)
@@ -353,7 +367,7 @@ class DeviceClient:
         with self._lock:
             if self._stopped.is_set() or not self._quiet:
                 return
-            wait = self._retry_at - time.monotonic() - WAKE_EARLY_S
+            wait = self._retry_at - time.monotonic()
             if wait > 0:  # told to stay away longer meanwhile
                 call_later(wait, self._wake_up)
                 return
@@ -718,6 +732,8 @@ class DeviceClient:
             log.log(level, "%s: update for round %d rejected: %s %s", self.config.device_id, ack.round_id,
                     ack.reason, ack.detail)
         self._event("ack", round=ack.round_id, accepted=ack.accepted, reason=ack.reason)
+        with self._lock:
+            self._go_quiet()  # its round is done: no plans until pace steering expects it back
 
     # ---- helpers -------------------------------------------------------------------------
     def _publish(self, topic: str, env: Envelope) -> None:

@@ -172,6 +172,9 @@ class Assignment:
     selected: bool
     retry_after_s: float = 0.0
     reason: str = ""
+    # pace steering: the round this device is expected back for; it sits out the plans of earlier
+    # rounds it hears (the retained one at its wake-up, one published just before). 0 = any.
+    back_for_round: int = 0
 
     def to_envelope(self, fleet: str, device: str) -> Envelope:
         return Envelope(Kind.ASSIGN, fleet, device, round=self.round_id, meta=to_dict(self))

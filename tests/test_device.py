@@ -412,7 +412,8 @@ def test_a_steered_away_device_stops_hearing_plans_until_its_retry_runs_out(stac
     """Told "come back in 1.5 s", the device unsubscribes from round plans: a plan published
     meanwhile never reaches it (subscribed, it would have checked in to it once the retry ran
     out). At the wake-up it subscribes again and the broker hands it the retained plan, which it
-    answers. The test plays the aggregator's part on the broker."""
+    answers unless pace steering expects it back for a later round (`back_for_round`). The test
+    plays the aggregator's part on the broker."""
     _, public_key = keys
     fleet, topics = "steer", FleetTopics("steer")
     settings = settings_for(mosquitto.port, 5)
@@ -426,10 +427,10 @@ def test_a_steered_away_device_stops_hearing_plans_until_its_retry_runs_out(stac
     def checked_in_rounds() -> list[int]:
         return [fields["round"] for fields in events.named("checkin")]
 
-    def steer_away(round_id: int) -> None:
+    def steer_away(round_id: int, back_for_round: int = 0) -> None:
         assert device.hears_plans
-        publish(settings, topics.assign(DEVICE), Assignment(round_id, False, retry_after_s=1.5,
-                                                            reason="not_selected").to_envelope(fleet, DEVICE).encode())
+        answer = Assignment(round_id, False, retry_after_s=1.5, reason="not_selected", back_for_round=back_for_round)
+        publish(settings, topics.assign(DEVICE), answer.to_envelope(fleet, DEVICE).encode())
         wait_for(lambda: not device.hears_plans, "the device to stop hearing plans")
 
     publish(settings, topics.round, plan(1), retain=True)
@@ -445,7 +446,17 @@ def test_a_steered_away_device_stops_hearing_plans_until_its_retry_runs_out(stac
     steer_away(3)
     publish(settings, topics.round, plan(4), retain=True)  # while it is away, retained
     wait_for(lambda: checked_in_rounds() == [1, 3, 4], "the check-in to the retained round 4 after the wake-up")
-    assert device.stats.checkins == 3
+
+    steer_away(4, back_for_round=6)  # expected back for round 6: the retained plan 5 is not for it
+    publish(settings, topics.round, plan(5), retain=True)
+    wait_for(lambda: device.hears_plans, "the device to listen again", timeout_s=10)
+    wait_for(lambda: device._plan.round_id == 5, "the retained plan 5 to reach the device")
+    assert not device.will_answer(5) and device.will_answer(6)
+    time.sleep(0.3)
+    assert checked_in_rounds() == [1, 3, 4]
+    publish(settings, topics.round, plan(6), retain=True)
+    wait_for(lambda: checked_in_rounds() == [1, 3, 4, 6], "the check-in to round 6")
+    assert device.stats.checkins == 4
 
 
 # -- local DP ---------------------------------------------------------------------------------------------

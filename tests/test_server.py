@@ -195,6 +195,10 @@ def test_pace_steering_spreads_unselected_devices_and_the_window_still_closes_ea
     retries = [a.retry_after_s for a in run.fleet.assignments[round_id].values() if not a.selected]
     # 0 = back for the next round (slot 0); the others are spread over the rounds after it
     assert len(retries) == 5 and sum(r > 0 for r in retries) >= 3 and len(set(retries)) > 1
+    # each answer names the round the device is expected back for; the cohort is steered too
+    answers = list(run.fleet.assignments[round_id].values())
+    assert all(a.back_for_round > round_id for a in answers)
+    assert len({a.back_for_round for a in answers}) > 1
     assert run.agg._pace.spread_rounds(1) > 1
 
 
