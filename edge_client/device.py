@@ -325,19 +325,12 @@ class DeviceClient:
             self._client.subscribe(self.topics.model, 1)
 
     # ---- pace steering -------------------------------------------------------------------
-    @property
-    def check_in_wait_s(self) -> float:
-        """Seconds until pace steering lets this device check in again (0: it may now); lets a
-        simulator know how many devices will answer a round plan."""
-        return max(0.0, self._retry_at - time.monotonic())
-
     def will_answer(self, round_id: int) -> bool:
         """Whether the plan of `round_id`, published now, gets a check-in (eligibility aside):
         the device hears plans, its retry_after has run out, and pace steering expects it back
         for this round or an earlier one. Lets a simulator close the window on the last one."""
         with self._lock:
-            return (not self._quiet and self._plan_sub_mid is None and self._retry_at <= time.monotonic()
-                    and round_id >= self._back_for_round)
+            return self.hears_plans and self._retry_at <= time.monotonic() and round_id >= self._back_for_round
 
     @property
     def hears_plans(self) -> bool:
