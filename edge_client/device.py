@@ -208,11 +208,14 @@ class DeviceClient:
         subs = [(self.topics.assign(me), 1), (self.topics.ack(me), 1),
                 (self.topics.secagg_roster, 1), (self.topics.secagg_unmask, 1), (self.topics.secagg_down(me), 1)]
         with self._lock:
-            if not self._quiet:  # a steered-away device subscribes when its retry_after runs out
+            hear_plans = not self._quiet  # a steered-away device subscribes when its retry_after runs out
+            if hear_plans:
                 subs.insert(0, (self.topics.round, 1))
             if self._fetching_model:
                 subs.append((self._fetch_topic or self.topics.model, 1))
-        client.subscribe(subs)
+            rc, mid = client.subscribe(subs)
+            if hear_plans:  # a wake-up subscription lost with the old connection is this one now
+                self._plan_sub_mid = mid if rc == mqtt.MQTT_ERR_SUCCESS else None
         client.publish(self.topics.status(me), self._status_payload("online"), qos=1, retain=True)
         if self.outbox is not None and len(self.outbox):
             self._executor.submit(self._flush_outbox)

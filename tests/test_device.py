@@ -428,7 +428,7 @@ def test_a_steered_away_device_stops_hearing_plans_until_its_retry_runs_out(stac
         return [fields["round"] for fields in events.named("checkin")]
 
     def steer_away(round_id: int, back_for_round: int = 0) -> None:
-        assert device.hears_plans
+        wait_for(lambda: device.hears_plans, "the device to hear plans")
         answer = Assignment(round_id, False, retry_after_s=1.5, reason="not_selected", back_for_round=back_for_round)
         publish(settings, topics.assign(DEVICE), answer.to_envelope(fleet, DEVICE).encode())
         wait_for(lambda: not device.hears_plans, "the device to stop hearing plans")
