@@ -1323,12 +1323,7 @@ def _krum_args(args: list[str], fail: Callable[[str], ValueError]) -> tuple[int,
         elif not eq:
             max_updates = _positive_int(key, "max_updates", fail)
         elif key == "f":
-            try:
-                f = int(value)
-            except ValueError:
-                raise fail(f"krum f {value!r} is not an integer") from None
-            if f < 0:
-                raise fail(f"krum f must be >= 0, got {value}")
+            f = _positive_int(value, "krum f", fail, low=0)
         elif key == "m":
             m = _positive_int(value, "krum m", fail)
         else:
@@ -1348,13 +1343,13 @@ def _positive_float(text: str, what: str, fail: Callable[[str], ValueError]) -> 
     return value
 
 
-def _positive_int(text: str, what: str, fail: Callable[[str], ValueError]) -> int:
+def _positive_int(text: str, what: str, fail: Callable[[str], ValueError], *, low: int = 1) -> int:
     try:
         value = int(text)
     except ValueError:
         raise fail(f"{what} {text!r} is not an integer") from None
-    if value < 1:
-        raise fail(f"{what} must be >= 1, got {text}")
+    if value < low:
+        raise fail(f"{what} must be >= {low}, got {text}")
     return value
 
 

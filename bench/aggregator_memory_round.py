@@ -77,6 +77,20 @@ class Fleet:
                 self.rejected.append(ack.reason)
 
 
+def aggregator_command(tmp_path: Path, port: int, fleet: str, bundle, n: int, codec_spec: str, *,
+                       checkin_window_s: float, checkpoint: bool, extra: tuple[str, ...] = ()) -> list[str]:
+    """A `fedboard aggregator` process for one round of `n` devices: the bundle and a fresh
+    signing key are written to `tmp_path`; its checkpoints go there too when `checkpoint`."""
+    bundle.write(tmp_path / "model.fbz")
+    key, _ = write_keypair(tmp_path / "keys")
+    cmd = [sys.executable, "-m", "aggregator.commands", "--log-level", "WARNING", "aggregator",
+           "--broker", f"127.0.0.1:{port}", "--bundle", str(tmp_path / "model.fbz"), "--key", str(key),
+           "--fleet", fleet, "--rounds", "1", "--clients-per-round", str(n), "--over-selection", "1.0",
+           "--expected-checkins", str(n), "--checkin-window-s", str(checkin_window_s), "--report-deadline-s", "900",
+           "--codec", codec_spec, *extra]
+    return cmd + (["--checkpoint-dir", str(tmp_path / "state")] if checkpoint else [])
+
+
 def wait(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -100,16 +114,8 @@ def main() -> None:
                              rng=np.random.default_rng(i)).payload for i in range(POOL)]
     devices = [f"dev-{i:05d}" for i in range(n)]
     with tempfile.TemporaryDirectory(prefix="fedboard-mem-") as tmp, MosquittoBroker() as broker:
-        tmp_path = Path(tmp)
-        bundle.write(tmp_path / "model.fbz")
-        key, _ = write_keypair(tmp_path / "keys")
-        cmd = [sys.executable, "-m", "aggregator.commands", "--log-level", "WARNING", "aggregator",
-               "--broker", f"127.0.0.1:{broker.port}", "--bundle", str(tmp_path / "model.fbz"), "--key", str(key),
-               "--fleet", FLEET, "--rounds", "1", "--clients-per-round", str(n), "--over-selection", "1.0",
-               "--expected-checkins", str(n), "--checkin-window-s", "120", "--report-deadline-s", "900",
-               "--codec", codec.spec]
-        if not args.no_checkpoint:
-            cmd += ["--checkpoint-dir", str(tmp_path / "state")]
+        cmd = aggregator_command(Path(tmp), broker.port, FLEET, bundle, n, codec.spec, checkin_window_s=120,
+                                 checkpoint=not args.no_checkpoint)
         env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
         fleet = Fleet(broker.port, devices)
         agg = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

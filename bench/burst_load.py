@@ -41,13 +41,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.aggregator_ingest import POOL, reference_bundle  # noqa: E402
-from bench.aggregator_memory_round import wait  # noqa: E402
+from bench.aggregator_memory_round import aggregator_command, wait  # noqa: E402
 from device_sim.mosquitto import MosquittoBroker  # noqa: E402
 from edge_client.mqtt_hub import MqttHub, raise_fd_limit  # noqa: E402
 from protocol.codec import parse_codec  # noqa: E402
 from protocol.envelope import Envelope, Kind, decode_envelope  # noqa: E402
 from protocol.messages import Ack, Assignment, CheckIn, RoundPlan  # noqa: E402
-from protocol.signing import write_keypair  # noqa: E402
 from protocol.topics import FleetTopics  # noqa: E402
 
 FLEET = "burst"
@@ -212,17 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     report["broker_max_queued_messages"] = args.broker_queue or 10000
     with tempfile.TemporaryDirectory(prefix="fedboard-burst-") as tmp, MosquittoBroker(extra) as broker, \
             MqttHub("burst-fleet") as hub:
-        tmp_path = Path(tmp)
-        bundle.write(tmp_path / "model.fbz")
-        key, _ = write_keypair(tmp_path / "keys")
-        cmd = [sys.executable, "-m", "aggregator.commands", "--log-level", "WARNING", "aggregator",
-               "--broker", f"127.0.0.1:{broker.port}", "--bundle", str(tmp_path / "model.fbz"), "--key", str(key),
-               "--fleet", FLEET, "--rounds", "1", "--clients-per-round", str(n), "--over-selection", "1.0",
-               "--expected-checkins", str(n), "--checkin-window-s", str(args.checkin_window_s),
-               "--report-deadline-s", "900",
-               "--codec", codec.spec, "--intake-buffer-mb", str(args.intake_buffer_mb)]
-        if not args.no_checkpoint:
-            cmd += ["--checkpoint-dir", str(tmp_path / "state")]
+        cmd = aggregator_command(Path(tmp), broker.port, FLEET, bundle, n, codec.spec,
+                                 checkin_window_s=args.checkin_window_s, checkpoint=not args.no_checkpoint,
+                                 extra=("--intake-buffer-mb", str(args.intake_buffer_mb)))
         env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
         fleet = BurstFleet(broker.port, devices, hub)
         started = time.monotonic()

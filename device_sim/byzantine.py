@@ -78,25 +78,24 @@ def parse_byzantine(spec: str | None) -> ByzantineConfig | None:
     if spec is None or not spec.strip() or spec.strip().lower() in ("none", "off", "0"):
         return None
     text = spec.strip().lower()
+
+    def number(what: str, value: str) -> float:
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"bad --byzantine spec {spec!r}: {what} {value!r} is not a number. {SPEC_HELP}") from None
+
     fraction_text, sep, attack_text = text.partition(":")
     if not sep:
         raise ValueError(f"bad --byzantine spec {spec!r}: missing ':ATTACK'. {SPEC_HELP}")
-    try:
-        fraction = float(fraction_text)
-    except ValueError:
-        raise ValueError(f"bad --byzantine spec {spec!r}: fraction {fraction_text!r} is not a number. "
-                         f"{SPEC_HELP}") from None
+    fraction = number("fraction", fraction_text)
     attack, eq, factor_text = attack_text.partition("=")
     attack = attack.strip()
     scale = DEFAULT_SCALE
     if eq:
         if attack not in ("scale", "mixed"):
             raise ValueError(f"bad --byzantine spec {spec!r}: only 'scale' and 'mixed' take a factor. {SPEC_HELP}")
-        try:
-            scale = float(factor_text)
-        except ValueError:
-            raise ValueError(f"bad --byzantine spec {spec!r}: factor {factor_text!r} is not a number. "
-                             f"{SPEC_HELP}") from None
+        scale = number("factor", factor_text)
     return ByzantineConfig(fraction, attack, scale)
 
 
