@@ -320,8 +320,9 @@ def _register_export_bundle(subparsers: argparse._SubParsersAction) -> None:
         description="Builds the vocabulary from a corpus (or reads --vocab) and exports the training bundle "
                     "(TensorFlow needed, on the server only). The aggregator publishes it to the devices.")
     p.add_argument("--out", type=Path, required=True, help="bundle file to write (.fbz)")
-    p.add_argument("--corpus", help="corpus to build the vocabulary (and the output prior) from")
-    p.add_argument("--format", help="corpus format (default: guessed)")
+    p.add_argument("--corpus", help="corpus to build the vocabulary (and the output prior) from; "
+                                    "`builtin` for the built-in synthetic keyboard corpus")
+    p.add_argument("--format", help="corpus format: speakers, tsv, jsonl, dir or builtin (default: guessed)")
     p.add_argument("--vocab", type=Path, help="a vocabulary instead: fedboard-vocab JSON, or one word per line")
     p.add_argument("--vocab-size", type=int, default=5000)
     p.add_argument("--seq-len", type=int, default=20)
@@ -356,7 +357,9 @@ def export_bundle_command(args: argparse.Namespace) -> int:
         from models.corpus import read_corpus
         from models.task import build_task
 
-        task = build_task(read_corpus(args.corpus, args.format, seed=args.seed), vocab_size=args.vocab_size,
+        builtin = args.format == "builtin" or args.corpus == "builtin"
+        corpus = read_corpus(None if builtin else args.corpus, "builtin" if builtin else args.format, seed=args.seed)
+        task = build_task(corpus, vocab_size=args.vocab_size,
                           seq_len=args.seq_len)
         vocab, counts = task.vocab, task.target_counts()
     config = ModelConfig(vocab_size=vocab.size, embed_dim=args.embed_dim, units=args.units, seq_len=args.seq_len,

@@ -20,6 +20,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from models.bundle import Bundle
 from models.config import ModelConfig
+from models.signature_runner import SignatureCall
 
 __all__ = ["InferenceModel", "LiteRTModel", "TrainResult", "top_k_from_logits"]
 
@@ -118,7 +119,9 @@ class LiteRTModel(_Predictor):
         missing = [s for s in needed if s not in signatures]
         if missing:
             raise ValueError(f"bundle {bundle.model_id} lacks signature(s) {missing}; re-export it")
-        runner = self._interpreter.get_signature_runner
+        def runner(key: str) -> SignatureCall:
+            return SignatureCall(self._interpreter, key)
+
         super().__init__(runner("infer"), self.config.seq_len, self.config.vocab_size, infer_batch)
         self._train = runner("train")
         self._get = runner("get_weights")
@@ -263,5 +266,5 @@ class InferenceModel(_Predictor):
         self._interpreter = Interpreter(model_content=tflite, num_threads=num_threads)
         if "infer" not in self._interpreter.get_signature_list():
             raise ValueError("inference model has no 'infer' signature")
-        super().__init__(self._interpreter.get_signature_runner("infer"), config.seq_len,
+        super().__init__(SignatureCall(self._interpreter, "infer"), config.seq_len,
                          config.vocab_size, infer_batch)

@@ -273,3 +273,16 @@ def test_export_bundle_from_a_vocabulary_file(tmp_path, cache_dir):
     bundle = read_bundle(tmp_path / "model.fbz")
     assert bundle.config.vocab_size == vocab.size and bundle.config.units == 16
     assert main(["export-bundle", "--out", str(tmp_path / "x.fbz")]) == 2  # neither corpus nor vocabulary
+
+
+@pytest.mark.parametrize("flags", [["--corpus", "builtin"], ["--corpus", "builtin", "--format", "builtin"]])
+def test_export_bundle_from_the_builtin_corpus(tmp_path, cache_dir, flags):
+    """A Pi fleet can start from the built-in corpus (it used to refuse: "takes no path")."""
+    from aggregator.commands import main
+    from models.bundle import read_bundle
+
+    out = tmp_path / "model.fbz"
+    assert main(["export-bundle", *flags, "--vocab-size", "60", "--embed-dim", "8", "--units", "16",
+                 "--seq-len", "8", "--out", str(out)]) == 0
+    bundle = read_bundle(out)
+    assert bundle.config.vocab_size == 64 and len(bundle.vocab_json["words"]) == 64

@@ -225,3 +225,61 @@ def test_close_frees_the_interpreter_and_refuses_later_use(bundle):
                  lambda: model.set_weights(bundle.initial_weights)):
         with pytest.raises(RuntimeError, match="closed"):
             call()
+
+
+class _ResizeSpy:
+    """Wraps the interpreter's native wrapper and records every input resize it is asked for."""
+
+    def __init__(self, wrapper) -> None:
+        self._wrapper = wrapper
+        self.resizes: list[tuple[int, tuple[int, ...]]] = []
+
+    def ResizeInputTensor(self, index, shape, strict, subgraph):  # noqa: N802 (the runtime's name)
+        self.resizes.append((int(index), tuple(int(d) for d in np.asarray(shape))))
+        return self._wrapper.ResizeInputTensor(index, shape, strict, subgraph)
+
+    def __getattr__(self, name):
+        return getattr(self._wrapper, name)
+
+
+def test_no_signature_input_is_ever_resized_to_zero_dimensions(bundle, monkeypatch):
+    """The aarch64 LiteRT build segfaults resizing a 0-d input (memset of 4n - 4 bytes for n = 0).
+
+    The `train` signature has 0-d inputs (lr, mu, clip): the runtime must never ask the
+    interpreter to resize them, in any signature, on any path a device takes."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    spies: list[_ResizeSpy] = []
+    real_init = Interpreter.__init__
+
+    def spying_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        spy = _ResizeSpy(self._interpreter)
+        self._interpreter = spy
+        spies.append(spy)
+
+    details = Interpreter(model_content=bundle.tflite).get_signature_runner("train").get_input_details()
+    train_inputs = {name: tuple(d["shape"]) for name, d in details.items()}
+    monkeypatch.setattr(Interpreter, "__init__", spying_init)
+    model = LiteRTModel(bundle, infer_batch=3)
+    scalars = sorted(name for name, shape in train_inputs.items() if shape == ())
+    assert scalars == ["clip", "lr", "mu"], train_inputs  # what makes the hazard real
+    rng = np.random.default_rng(0)
+    x, y = windows(rng, 10)
+    model.train(x, y, epochs=1, lr=0.1, rng=rng, mu=0.01, clip=1.0)  # includes a padded last batch
+    model.train_step(x[:1], y[:1], lr=0.2)
+    model.set_anchor(model.get_weights())
+    model.set_weights(model.get_weights())
+    model.logits(x[:7])  # chunks of 3, 3, 1: the dynamic infer batch resizes
+    model.top_k(x[:2])
+    assert len(spies) == 1
+    resizes = spies[0].resizes
+    assert resizes, "the dynamic infer batch should have been resized at least once"
+    assert all(len(shape) > 0 and min(shape) > 0 for _, shape in resizes), resizes
+
+
+def test_a_scalar_input_given_as_a_vector_is_refused_not_resized(bundle):
+    model = LiteRTModel(bundle)
+    x, y = windows(np.random.default_rng(1), CONFIG.batch_size)
+    with pytest.raises(ValueError, match="input 'lr'"):
+        model._train(x=x, y=y, lr=np.array([0.1], np.float32), mu=np.float32(0), clip=np.float32(0))
