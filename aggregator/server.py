@@ -31,6 +31,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.client import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from aggregator.aggregation import AggregationError
 from aggregator.dp import DPFedAvgAggregator, make_any_aggregator
@@ -38,12 +39,17 @@ from aggregator.privacy_accounting import PrivacyAccountant
 from aggregator.checkpoint import CheckpointError, CheckpointStore, ModelCheckpoint, RoundCheckpoint, RoundEnd
 from aggregator.cohort import PaceSteering, select_cohort
 from aggregator.config import AggregatorConfig
-from aggregator.evaluation import EvalHook, FederatedEval, device_eval_counts
+from aggregator.fleet_lease import FleetLease, FleetTaken, owner_token, parse_retained
+from aggregator.evaluation import EvalHook, FederatedEval, device_eval_counts, eval_bound
 from aggregator.intake import IntakeLimits, RoundState, check_header, decode_into, value_check
 from aggregator.metrics import AggregatorMetrics, JsonLines
-from aggregator.publisher import PublishedModel, Release, build_inference_message, build_release, bundle_envelope
-from aggregator.scale_out import CoordinatorLink, merge_states
+from aggregator.publisher import (PublishedModel, Release, build_inference_message, build_release, bundle_envelope,
+                                  bundle_extra, bundle_file_bytes)
+from aggregator.scale_out import CoordinatorLink, agg_root, merge_states
+from aggregator.recovery import (RECOVER_FLAG, RetainedModel, RetainedProbe, broker_evidence_message,
+                                 inspect_retained_model, local_evidence_message)
 from aggregator.secure_round import SecureAggregation
+from aggregator.weights import WeightBound
 from models.bundle import Bundle
 from protocol.codec import parse_codec
 from protocol.envelope import Envelope, Kind, decode_envelope
@@ -59,6 +65,8 @@ __all__ = ["Aggregator", "AggregatorConfig", "AggregatorStopped", "RoundResult"]
 
 # Longest wait before the devices not selected in a round get their answer (see _reporting_phase).
 STEER_DELAY_S = 1.0
+# A retained status message above this size is junk a device parked on the broker: the aggregator deletes it.
+MAX_STATUS_BYTES = 4096
 
 
 class AggregatorStopped(RuntimeError):
@@ -91,6 +99,8 @@ class RoundResult:
     # time.monotonic() at the end of each phase (opened, window_closed, assigned, steered, reports_closed,
     # published), so a simulator can tell where a round's wall time went (bench/fleet_scale.py)
     phase_marks: dict[str, float] = field(default_factory=dict)
+    weight_capped: int = 0      # updates whose claimed example count was cut (aggregator/weights.py)
+    checkin_wait_s: float = 0.0  # how long the window was extended waiting for the report floor
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,6 +133,9 @@ class _OpenRound:
     refused: set[str] = field(default_factory=set)  # cohort devices whose update for this round was rejected
     steering_sent: bool = False                  # the devices not selected have their answer
     marks: dict[str, float] = field(default_factory=dict)   # phase -> time.monotonic() at its end
+    bound: WeightBound | None = None             # the cohort's weight limits (built from the check-ins)
+    weight_capped: int = 0                       # updates whose claimed example count was cut
+    extended_s: float = 0.0                      # window extended this long, waiting for the report floor
 
 
 class _ByteBoundedQueue:
@@ -174,7 +187,7 @@ class Aggregator:
 
     def __init__(self, config: AggregatorConfig, bundle: Bundle, mqtt_settings: MqttSettings, private_key: object,
                  *, weights: np.ndarray | None = None, client_id: str | None = None,
-                 eval_hook: EvalHook | None = None) -> None:
+                 eval_hook: EvalHook | None = None, recover_from_broker: bool = False) -> None:
         self.config = config
         self.bundle = bundle
         self.topics = FleetTopics(config.fleet)
@@ -200,6 +213,7 @@ class Aggregator:
         # retained publishes (bundle, model, int8, plan) in order: a republish after a broker
         # restart racing a commit left the previous version retained
         self._retained_lock = threading.RLock()
+        self._retained_unconfirmed: dict[str, mqtt.MQTTMessageInfo] = {}
         self._back_for: dict[str, int] = {}  # steered device -> the round it is expected back for
         self._previous: tuple[int, set[str]] = (-1, set())  # the last round's accepted ids, for late duplicates
         self._inbox = _ByteBoundedQueue(config.intake_buffer_mb * 2**20)
@@ -215,11 +229,24 @@ class Aggregator:
         self._link = CoordinatorLink(self.topics, config) if config.workers else None
         self._secure = SecureAggregation(self) if config.secure_aggregation else None
         self._store = CheckpointStore(config.checkpoint_dir) if config.checkpoint_dir else None
+        # the fleet lease (aggregator/fleet_lease.py): nothing is processed until it is ours
+        self._lease = FleetLease(self.topics, owner_token(config.checkpoint_dir), config.lease_interval_s) \
+            if config.lease_interval_s > 0 else None
+        self._lease_seen = b""              # the retained lease found at start
+        self._lease_probe = threading.Event()
+        self._lease_held = False
+        self._lease_stop = threading.Event()
+        self._serving = threading.Event()
         self._last_end: RoundEnd | None = None  # how the last round ended (model checkpoint + ledger)
         self.version = 0
         self.round_id = 0
         self._rng = np.random.default_rng(config.seed)
         self.optimizer = config.make_server_optimizer()
+        # aggregator/recovery.py: without model.npz, take the broker's retained model (after connecting)
+        self._recover = recover_from_broker and self._store is not None and not self._store.model_path.exists()
+        self._restored = False                    # the model came from model.npz
+        self._deferred_round: RoundCheckpoint | None = None  # resumed once the recovered model is known
+        self._probe: RetainedProbe | None = None  # reading the broker's retained model at start
         try:
             self._load_or_init(weights)
         except BaseException:
@@ -241,6 +268,12 @@ class Aggregator:
     def _load_or_init(self, weights: np.ndarray | None) -> None:
         """The checkpointed model and open round if there are any, else the bundle's (or given) weights."""
         restored = self._store.load_model() if self._store else None
+        if self._store is not None:
+            self._store.ledger  # noqa: B018 -- a corrupt ledger is refused now, before anything runs
+            found = self._store.earlier_run()
+            if restored is None and found and not self._recover:
+                raise CheckpointError(local_evidence_message(self._store.directory, found))
+        self._restored = restored is not None
         if restored is not None:
             if weights is not None:
                 log.warning("checkpoint found: starting from its model v%d, not from the weights passed in",
@@ -250,10 +283,18 @@ class Aggregator:
             initial = np.asarray(self.bundle.initial_weights if weights is None else weights, dtype=np.float32)
             self.optimizer.init(initial)
             self.release = self._build_release(initial, previous=None)
-            if self._store:
+            if self._store and not self._recover:  # recovering: saved once the broker's model is adopted
                 self._save_model()
         round_ckpt = self._store.load_round() if self._store else None
-        if round_ckpt is not None and round_ckpt.round_id > self.round_id:
+        if round_ckpt is not None and self._recover:
+            self._deferred_round = round_ckpt
+        elif round_ckpt is not None and round_ckpt.round_id > self.round_id:
+            if round_ckpt.meta.get("plan", {}).get("base_version") != self.version:
+                raise CheckpointError(
+                    f"{self._store.round_path if self._store else 'round.npz'} holds round {round_ckpt.round_id} "
+                    f"planned on model v{round_ckpt.meta.get('plan', {}).get('base_version')}, but the model is "
+                    f"v{self.version}: its updates cannot be added to this model. Restore the model.npz it "
+                    "belongs to, or move round.npz away to drop the round")
             self._resume_round(round_ckpt)
 
     # ---- public state ------------------------------------------------------------------------
@@ -292,14 +333,117 @@ class Aggregator:
         if not self._connected.wait(timeout_s):
             self.stop()
             raise ConnectionError(f"aggregator could not connect to {self._mqtt.host}:{self._mqtt.port} in {timeout_s} s")
+        try:
+            if self._store is not None:  # nothing is processed, acknowledged or published before this check
+                self._check_broker_model(timeout_s)
+            self._take_lease(timeout_s)
+        except BaseException as exc:
+            self._failure = exc  # the intake skips (never acknowledges) what the session delivered
+            self.stop()
+            raise
         self._republish_retained()
+
+    def _check_broker_model(self, timeout_s: float) -> None:
+        """Refuse to publish over a newer model the broker retains; adopt it with --recover-from-broker."""
+        self._probe = RetainedProbe(self._client, self.topics.model, f"{self.topics.root}/aggregator/probe")
+        try:
+            data = self._probe.run(timeout_s)
+        finally:
+            self._probe = None
+        public_key = self._private_key.public_key()  # type: ignore[attr-defined]
+        retained = (inspect_retained_model(data, public_key, self.config.fleet, self.bundle.model_id, self.dim,
+                                           self.config.max_payload) if data else None)
+        if self._recover:
+            self._adopt_retained(retained)
+        elif retained is not None and retained.version is not None and retained.version > self.version:
+            if not self._restored and self._store is not None:  # the v0 this start wrote is no evidence: a retry
+                self._store.model_path.unlink(missing_ok=True)  # must be refused the same way
+            raise CheckpointError(broker_evidence_message(retained, self.topics.model, self.version,
+                                                          self._store.directory if self._store else "?",
+                                                          public_key, self._restored))
+        elif retained is not None and retained.problem:
+            log.warning("aggregator: the retained model on %s is not one this key verifies (%s); publishing "
+                        "v%d over it", self.topics.model, retained.problem, self.version)
+
+    def _adopt_retained(self, retained: RetainedModel | None) -> None:
+        """--recover-from-broker: continue from the verified retained model (see aggregator/recovery.py)."""
+        assert self._store is not None
+        if retained is None or not retained.verified:
+            why = "none is retained" if retained is None else f"it cannot be used: {retained.problem}"
+            raise CheckpointError(f"{RECOVER_FLAG}: no model to recover on {self.topics.model} ({why}); restore "
+                                  f"{self._store.model_path} from a backup instead")
+        assert retained.weights is not None and retained.version is not None
+        ledger = self._store.ledger
+        self.version = retained.version
+        self.round_id = max(retained.round, ledger.last_ended_round)  # the last round that ended
+        self.optimizer = self.config.make_server_optimizer()
+        self.optimizer.init(retained.weights)
+        self.release = Release(PublishedModel(self.version, retained.weights, retained.envelope, retained.payload_len))
+        log.warning("recovered model v%d (round %d) from the broker, verified with this aggregator's key; the next "
+                    "model is v%d. Lost with model.npz and started afresh: the %s server optimizer's state%s, the "
+                    "cohort RNG and pace steering's period", self.version, self.round_id, self.version + 1,
+                    self.config.server_optimizer, " (its moments restart from zero)"
+                    if self.optimizer.buffer_names else "")
+        round_ckpt, self._deferred_round = self._deferred_round, None
+        resumable = (round_ckpt is not None and round_ckpt.round_id > self.round_id
+                     and round_ckpt.meta.get("plan", {}).get("base_version") == self.version)
+        if round_ckpt is not None and not resumable:
+            base = round_ckpt.meta.get("plan", {}).get("base_version")
+            aside = self._store.round_path.with_name(f"{self._store.round_path.name}.v{base}-unusable")
+            self._store.round_path.rename(aside)
+            log.warning("round %d in round.npz was planned on v%s, not on the recovered v%d: its accepted updates "
+                        "cannot be used; moved to %s", round_ckpt.round_id, base, self.version, aside)
+        # round ids are never reused: the ledger is keyed by them
+        self.round_id = max(self.round_id, ledger.last_round, round_ckpt.round_id if round_ckpt and not resumable else 0)
+        self._save_model()
+        if resumable:
+            assert round_ckpt is not None
+            self._resume_round(round_ckpt)
+        self._recover = False
+
+    def _take_lease(self, timeout_s: float) -> None:
+        """Read the retained lease (the probe's echo comes after it), refuse a fresh foreign one, hold ours."""
+        if self._lease is None:
+            self._serving.set()
+            return
+        self._client.publish(self._lease.probe, b"", qos=1)
+        if not self._lease_probe.wait(timeout_s):
+            raise ConnectionError(f"the broker did not echo the lease probe within {timeout_s} s: is the "
+                                  f"aggregator's user allowed {self._lease.topic}?")
+        self._lease.check_before_start(parse_retained(self.config.fleet, self._lease_seen))
+        self._lease_held = True
+        self._publish_lease(self._lease.message())
+        self._serving.set()
+        threading.Thread(target=self._heartbeat, name="fleet-lease", daemon=True).start()
+
+    def _publish_lease(self, message: bytes) -> None:
+        assert self._lease is not None
+        info = self._client.publish(self._lease.topic, message, qos=1, retain=True)
+        try:
+            info.wait_for_publish(10.0)
+        except (RuntimeError, ValueError) as exc:  # not connected: the heartbeat (or its expiry) follows
+            log.warning("aggregator: fleet lease not published: %s", exc)
+
+    def _heartbeat(self) -> None:
+        assert self._lease is not None
+        while not self._lease_stop.wait(self._lease.interval_s):
+            if self._failure is None:
+                self._client.publish(self._lease.topic, self._lease.message(), qos=1, retain=True)
+
+    def _lost_fleet(self, why: str) -> None:
+        """Another aggregator claimed the fleet: stop taking (and acknowledging) updates, loudly."""
+        log.critical("aggregator: %s", why)
+        with self._cv:
+            if self._failure is None:
+                self._failure = FleetTaken(why)
+            self._cv.notify_all()
 
     def _republish_retained(self) -> None:
         """Publish the retained state devices bootstrap from: bundle, model, delta, int8, the open
         round's plan (and its assignments). At start, and after reconnecting to a broker that lost
         our session, since it lost its retained messages too (a SIGKILL before it saved them)."""
         with self._retained_lock:  # what is current now; a commit or a new round waits, then overwrites it
-            self._publish(self.topics.bundle, bundle_envelope(self.config.fleet, self.bundle.to_bytes(),
+            self._publish(self.topics.bundle, bundle_envelope(self.config.fleet, bundle_file_bytes(self.bundle),
                                                               self.bundle.model_id), retain=True, wait=True)
             self._publish_release(self.release)
             if self._int8_envelope is not None:
@@ -326,7 +470,13 @@ class Aggregator:
             self._intake.join(30)
         if self._int8_thread is not None:
             self._int8_thread.join(120)
+        self._lease_stop.set()
+        self._serving.set()  # an intake thread still waiting for the lease sees the failure and exits
+        if self._started and self._lease_held and self._lease is not None and \
+                not isinstance(self._failure, FleetTaken):
+            self._publish_lease(self._lease.message(released=True))
         if self._started:
+            self._drain_retained(30.0)
             self._client.disconnect()
             self._client.loop_stop()
         self.metrics.close()
@@ -344,7 +494,29 @@ class Aggregator:
             subs = [(self.topics.all_updates, 1)]
         if self._secure is not None:
             subs.append((self.topics.all_secagg_up, 1))
-        client.subscribe(subs + [(self.topics.all_checkins, 1), (self.topics.all_status, 1)])
+        subs.append((self.topics.all_checkins, 1))
+        # a persistent session keeps the subscriptions of an earlier run in another role (update/+ of a
+        # single aggregator restarted as a coordinator): drop every one this role does not read
+        root = agg_root(self.topics)
+        stale = {self.topics.all_updates, self.topics.all_secagg_up, f"{root}/claim/+", f"{root}/partial/+"}
+        stale -= {topic for topic, _ in subs}
+        if stale:
+            client.unsubscribe(sorted(stale))
+        if self._mqtt.mqtt_version == 5:
+            # device topics: never the retained junk a device parked there at subscribe, and a live
+            # retained publish keeps its flag so _on_message can delete it (nobody needs it retained)
+            opts = SubscribeOptions(qos=1, noLocal=True, retainAsPublished=True,
+                                    retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            subs = [(topic, opts if topic.startswith(self.topics.root + "/") and "/agg/" not in topic else qos)
+                    for topic, qos in subs]
+            status: tuple[str, Any] = (self.topics.all_status, SubscribeOptions(qos=1, noLocal=True,
+                                                                              retainAsPublished=True))
+        else:
+            status = (self.topics.all_status, 1)
+        extra = [(self._lease.topic, 1), (self._lease.probe, 1)] if self._lease is not None else []
+        if self._mqtt.mqtt_version == 5:
+            extra = [(topic, SubscribeOptions(qos=qos)) for topic, qos in extra]
+        client.subscribe(subs + [status] + extra)
         reconnect = self._connected.is_set()
         self._connected.set()
         if reconnect and not getattr(flags, "session_present", False) and not self._stopped:
@@ -360,10 +532,49 @@ class Aggregator:
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         # paho's network thread: queue only (blocks while the intake thread is a buffer behind)
-        self._inbox.put((msg.topic, msg.payload, msg.mid, msg.qos), len(msg.payload))
+        probe = self._probe
+        if probe is not None and probe.take(msg.topic, msg.payload, bool(msg.retain)):
+            return  # the start check's (aggregator/recovery.py), at QoS 0: nothing to acknowledge
+        if self._lease is not None and msg.topic in (self._lease.topic, self._lease.probe):
+            self._on_lease_message(msg)
+            client.ack(msg.mid, msg.qos)
+            return
+        if self._device_retained(msg):
+            client.ack(msg.mid, msg.qos)
+            return
+        # before the start checks pass, intake waits: never block the probes (the broker's in-flight window bounds this)
+        self._inbox.put((msg.topic, msg.payload, msg.mid, msg.qos), len(msg.payload) if self._serving.is_set() else 0)
+
+    def _on_lease_message(self, msg: mqtt.MQTTMessage) -> None:
+        assert self._lease is not None
+        if msg.topic == self._lease.probe:
+            self._lease_probe.set()
+        elif not self._lease_held:
+            self._lease_seen = msg.payload  # the retained lease, read before the probe's echo
+        else:
+            why = self._lease.foreign(msg.payload)
+            if why:
+                self._lost_fleet(why)
+
+    def _device_retained(self, msg: mqtt.MQTTMessage) -> bool:
+        """Delete what a device retained on its own topics (bounded: one message a topic until we see it);
+        True when the message is nothing but that deletion coming back (MQTT 3.1.1 has no noLocal)."""
+        rest = msg.topic[len(self.topics.root) + 1:] if msg.topic.startswith(self.topics.root + "/") else ""
+        kind = rest.split("/", 1)[0]
+        if kind not in ("update", "checkin", "status", "secagg") or rest.startswith("secagg/down"):
+            return False
+        if not msg.payload:
+            return kind != "status"  # an empty status is the device clearing its own presence
+        if msg.retain and (kind != "status" or len(msg.payload) > MAX_STATUS_BYTES):
+            log.warning("aggregator: %d B retained on %s deleted (devices may not park messages on the broker)",
+                        len(msg.payload), msg.topic)
+            self._client.publish(msg.topic, b"", qos=1, retain=True)
+            return kind == "status"  # a junk status is not a status; an update or check-in is still handled
+        return False
 
     # ---- intake thread ----------------------------------------------------------------------
     def _intake_loop(self) -> None:
+        self._serving.wait()  # nothing is processed, nor acknowledged, before the fleet lease is ours
         while True:
             item = self._inbox.get()
             if item is None:
@@ -387,7 +598,11 @@ class Aggregator:
         rest = topic[len(self.topics.root) + 1:] if topic.startswith(self.topics.root + "/") else ""
         kind = rest.split("/", 1)[0]
         try:
-            if kind == "update":
+            if kind == "update" and self._link is not None:
+                log.info("aggregator: update on %s ignored: the workers take updates (left queued from an "
+                         "earlier run in another role)", topic)
+                self._defer(token)
+            elif kind == "update":
                 self._handle_update(self.topics.device_of(topic), payload, token)
             elif kind == "secagg" and self._secure is not None and rest.startswith("secagg/up/"):
                 self._secure.on_message(self.topics.device_of(topic), payload, token)
@@ -415,6 +630,9 @@ class Aggregator:
 
     def _handle_checkin(self, device: str, env: Envelope, token: _Pending) -> None:
         checkin = CheckIn.from_envelope(env)
+        if checkin.train_examples < 1:  # it bounds the device's update weight (aggregator/weights.py)
+            raise ValidationError(Reason.BAD_FIELD, f"check-in declares {checkin.train_examples} training windows: "
+                                                    "a device with nothing to train on must not check in")
         reply = None
         with self._cv:
             r = self._round
@@ -457,7 +675,9 @@ class Aggregator:
                 if env.round == self._previous[0] and device in self._previous[1]:
                     raise ValidationError(Reason.DUPLICATE, f"already counted in round {env.round}")
                 codec = check_header(env, state, self.limits)
-                self._aggregate.add_decoded_into(decode_into(codec, env.payload), float(env.example_count),
+                assert r is not None  # an open RoundState belongs to the open round
+                weight, cut = self._weight_bound(r).weight(device, env.example_count)
+                self._aggregate.add_decoded_into(decode_into(codec, env.payload), weight,
                                                  client_id=device, check=self._check)
             except ValidationError as exc:
                 if exc.reason is Reason.DUPLICATE:  # QoS 1 redelivery: counted once, confirmed again
@@ -476,7 +696,10 @@ class Aggregator:
             assert state is not None and r is not None
             state.accepted.add(device)
             r.accepted_sha[device] = hashlib.sha256(data).hexdigest()
-            self._account(r, env.meta, len(data))
+            self._account(r, env.meta, len(data), device)
+            if cut:
+                r.weight_capped += 1
+                log.warning("aggregator: update from %s weighs %g: %s", device, weight, cut)
             if len(state.accepted) >= r.goal:
                 state.open = False  # goal reached: later reports (the over-selected) are refused
             self._dirty = True
@@ -486,14 +709,30 @@ class Aggregator:
         self.metrics.c(self.metrics.uplink_bytes).inc(len(data))
         self._defer(token, self._ack_message(device, Ack(env.round, True)))
 
-    def _account(self, r: _OpenRound, meta: dict, size: int) -> None:
+    def _account(self, r: _OpenRound, meta: dict, size: int, device: str) -> None:
         r.uplink_bytes += size
         loss = meta.get("train_loss")
         if isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss):
             r.losses.append(float(loss))
         counts = device_eval_counts(meta)
         if counts is not None:
-            r.fed_eval.add(counts)
+            checkin = r.checkins.get(device)
+            bound = eval_bound(checkin.train_examples if checkin is not None else 0, self.bundle.config.seq_len)
+            if counts[2] <= bound:
+                r.fed_eval.add(counts)
+            else:  # one device must not decide the round's federated accuracy
+                log.warning("aggregator: evaluation counts of %s ignored: %d scored positions, its %d declared "
+                            "windows hold at most %d", device, counts[2],
+                            checkin.train_examples if checkin is not None else 0, bound)
+
+    def _weight_bound(self, r: _OpenRound) -> WeightBound:
+        """The cohort's weight limits (aggregator/weights.py), built at the first update (lock held)."""
+        if r.bound is None:
+            plan = r.plan
+            declared = {d: r.checkins[d].train_examples for d in r.cohort if d in r.checkins}
+            r.bound = WeightBound.for_cohort(declared, factor=self.config.weight_cap, local_epochs=plan.local_epochs,
+                                             max_steps=plan.max_steps, batch_size=plan.batch_size)
+        return r.bound
 
     def _reject(self, token: _Pending, device: str, round_id: int, exc: ProtocolError) -> None:
         self.rejections[exc.reason.value] += 1
@@ -531,15 +770,19 @@ class Aggregator:
                     self.metrics.rejected(exc.reason.value)
                 self._defer(token, self._link.grant_message(worker, claim, False, exc.reason.value, exc.detail))
                 return
+            weight, cut = self._weight_bound(r).weight(device, claim["examples"])
             state.accepted.add(device)
             r.grants[device] = worker
-            self._account(r, claim.get("meta", {}), int(claim.get("bytes", 0)))
+            self._account(r, claim.get("meta", {}), int(claim.get("bytes", 0)), device)
+            if cut:
+                r.weight_capped += 1
+                log.warning("aggregator: update from %s weighs %g: %s", device, weight, cut)
             if len(state.accepted) >= r.goal:
                 state.open = False
             self._dirty = True
             self._cv.notify_all()
         self.metrics.c(self.metrics.updates_accepted).inc()
-        self._defer(token, self._link.grant_message(worker, claim, True))
+        self._defer(token, self._link.grant_message(worker, claim, True, weight=weight))
 
     def _handle_partial(self, worker: str, payload: bytes, token: _Pending) -> None:
         assert self._link is not None
@@ -733,16 +976,24 @@ class Aggregator:
 
     def _checkin_phase(self, r: _OpenRound) -> None:
         cfg = self.config
+        floor = cfg.report_floor()
         with self._cv:
             r.expected = expected = max(1, cfg.expected_checkins - r.steered_away) if cfg.expected_checkins else 0
             while True:
                 self._raise_if_failed()
                 left = r.window_end_unix - time.time()
-                if left <= 0 or (expected and len(r.checkins) >= expected):
+                enough = len(r.checkins) >= floor
+                if expected and len(r.checkins) >= expected and (enough or not cfg.checkin_patience_s):
                     break
+                if left <= 0:
+                    if enough or not self._extend_window(r, floor):
+                        break
+                    continue
                 self._cv.wait(timeout=min(0.5, left))
             candidates = sorted(r.checkins)
-            r.cohort = select_cohort(candidates, cfg.cohort_size(len(candidates)), self._rng)
+            # below the floor no cohort is chosen: its updates could never commit
+            size = cfg.cohort_size(len(candidates)) if len(candidates) >= floor else 0
+            r.cohort = select_cohort(candidates, size, self._rng)
             r.goal = cfg.goal(len(r.cohort))
             chosen = set(r.cohort)
             now = time.time()
@@ -765,6 +1016,24 @@ class Aggregator:
             self._publish(*self._link.round_message(r.plan, r.cohort, True, cfg), retain=True, wait=True)
         # plain rounds answer the devices not selected from _reporting_phase, once the cohort is training
         self._send_assignments(r, steer=self._secure is not None)
+
+    def _extend_window(self, r: _OpenRound, floor: int) -> bool:
+        """Keep a window below the report floor open for another checkin_window_s, within
+        checkin_patience_s; False when patience ran out (lock held). Logged once a minute at most."""
+        cfg = self.config
+        room = cfg.checkin_patience_s - r.extended_s
+        if room <= 0:
+            return False
+        step = min(cfg.checkin_window_s, room)
+        r.window_end_unix = time.time() + step
+        log.debug("aggregator: round %d window extended by %.1f s: %d check-in(s), floor %d", r.plan.round_id, step,
+                  len(r.checkins), floor)
+        if r.extended_s == 0 or r.extended_s // 60 != (r.extended_s + step) // 60:
+            log.info("aggregator: round %d has %d check-in(s), %d needed to commit (min_reports floor): waiting "
+                     "for devices (%.0f s so far, checkin_patience_s %g)", r.plan.round_id, len(r.checkins), floor,
+                     r.extended_s, cfg.checkin_patience_s)
+        r.extended_s += step
+        return True
 
     def _send_assignments(self, r: _OpenRound, *, steer: bool = True) -> None:
         """Tell the cohort, then (`steer`) every device not selected when to come back.
@@ -806,7 +1075,9 @@ class Aggregator:
             return [0.0] * count
         now = time.time()
         booked = [until - now for until in self._steered_until.values() if until > now]
-        retries = self._pace.retry_afters(count, self.config.cohort_size(len(r.checkins)), now - r.started_unix, booked)
+        # spread for the cohort a round aims at, not this round's: a thin round spreading devices
+        # further made the next rounds thinner still (rounds of one device)
+        retries = self._pace.retry_afters(count, self.config.cohort_target(), now - r.started_unix, booked)
         return [round(retry, 3) for retry in retries]
 
     def steered_away_now(self) -> int:
@@ -895,8 +1166,10 @@ class Aggregator:
         state = self._state
         assert state is not None
         accepted = len(state.accepted)
-        needed = cfg.needed_reports(len(r.cohort))
+        needed = max(cfg.needed_reports(len(r.cohort)), cfg.report_floor())  # never a round of one device
         reason = "" if accepted >= needed else f"{accepted} of {len(r.cohort)} reports, {needed} needed"
+        if not r.cohort and r.checkins:
+            reason = f"{len(r.checkins)} check-in(s), fewer than the min_reports floor {cfg.report_floor()}"
         if self._secure is not None:  # committed when the secure sum was unmasked (>= threshold survived)
             reason = self._secure.commit_reason(r)
         if not reason and self._link is not None:
@@ -934,6 +1207,7 @@ class Aggregator:
             duplicates=r.duplicates, abandoned_reason=reason, resumed=r.resumed, delta_bytes=delta_bytes,
             eval=evaluation, fed_eval=r.fed_eval.result(), privacy=privacy,
             secagg=self._secure.report(r) if self._secure is not None else {}, phase_marks=dict(r.marks),
+            weight_capped=r.weight_capped, checkin_wait_s=round(r.extended_s, 3),
         )
         with self._cv:
             self._round = None  # late updates still meet the closed RoundState: round_closed / duplicate
@@ -950,7 +1224,7 @@ class Aggregator:
         return build_release(fleet=self.config.fleet, model_id=self.bundle.model_id, version=self.version,
                              proposed=proposed, previous=previous, full_codec=self.config.downlink,
                              delta_codec=self.config.downlink_delta, private_key=self._private_key,
-                             extra={"bundle_sha256": self.bundle.sha256, "round": self.round_id})
+                             extra={**bundle_extra(self.bundle), "round": self.round_id})
 
     def _publish_release(self, release: Release) -> None:
         with self._retained_lock:
@@ -977,7 +1251,7 @@ class Aggregator:
             tflite = export_int8_inference(self.bundle, weights)
             data = build_inference_message(fleet=self.config.fleet, model_id=self.bundle.model_id, version=version,
                                            tflite=tflite, weights=weights, private_key=self._private_key,
-                                           extra={"bundle_sha256": self.bundle.sha256})
+                                           extra=bundle_extra(self.bundle))
             if self._store is not None:
                 self._store.save_int8(data)
             with self._retained_lock:
@@ -989,11 +1263,29 @@ class Aggregator:
 
     def _publish(self, topic: str, data: bytes, *, retain: bool = False, wait: bool = False) -> None:
         info = self._client.publish(topic, data, qos=1, retain=retain)
+        if retain:
+            with self._retained_lock:  # the newest retained publish per topic is what stop() must see out
+                self._retained_unconfirmed[topic] = info
         if wait:
             try:
                 info.wait_for_publish(30.0)
             except (RuntimeError, ValueError) as exc:  # not connected: paho sends it after reconnecting
                 log.warning("aggregator: %s queued, not yet sent: %s", topic, exc)
+
+    def _drain_retained(self, timeout_s: float) -> None:
+        """Wait until the broker confirmed the newest retained publish of every topic.
+
+        A commit made while the broker was away is queued in paho and sent after reconnecting;
+        disconnecting before that would leave the fleet's retained model behind the checkpoint."""
+        deadline = time.monotonic() + timeout_s
+        with self._retained_lock:
+            pending = dict(self._retained_unconfirmed)
+        for topic, info in pending.items():
+            while not info.is_published() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not info.is_published():
+                log.warning("aggregator: the broker has not confirmed the retained %s after %.0f s; "
+                            "the next start publishes it again", topic, timeout_s)
 
 
 def _payload_len(envelope: bytes) -> int:

@@ -608,7 +608,7 @@ class SoakRun(contextlib.AbstractContextManager):
 
     def invariants(self) -> Invariants:
         # the observer's persistent session receives the last acks and the retained model shortly after
-        self.observer.wait_for(lambda: self.observer.latest_version() >= self._ledger_version(), 10)
+        self.observer.wait_for(lambda: self.observer.latest_version() >= self._ledger_version(), 30)
         time.sleep(0.5)
         return check_invariants(self.checkpoint_dir, self.observer, self.settings.rounds)
 

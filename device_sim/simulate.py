@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -37,6 +38,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.client import CallbackAPIVersion
 
+from aggregator.config import report_floor
 from aggregator.server import Aggregator, AggregatorConfig
 from device_sim.broker import BrokerAddress, EmbeddedBroker, parse_broker
 from device_sim.byzantine import ByzantineFleet, parse_byzantine
@@ -46,12 +48,13 @@ from edge_client.device import DeviceClient, DeviceConfig
 from edge_client.mqtt_hub import MqttHub, raise_fd_limit
 from edge_client.residuals import ResidualStore
 from edge_client.trainer import ArrayWindows, InterpreterPool
-from models.bundle_cache import get_or_export_bundle
+from models.bundle_cache import get_or_export_bundle, last_export_peak_rss_mb
 from models.config import ModelConfig
 from models.corpus import read_corpus
 from models.evaluate import evaluate
 from models.runtime import LiteRTModel
 from models.task import Task, build_task
+from protocol.cli_entry import RunInterrupted, check_out_dir
 from protocol.codec import parse_codec
 from protocol.envelope import Envelope, Kind
 from protocol.signing import ModelTrust, generate_keypair
@@ -97,7 +100,8 @@ class SimConfig:
     # -- realistic fleets (all opt-in) ----------------------------------------------------------
     scenario: str | None = None          # built-in scenario name or TOML path; None = always-eligible devices
     speedup: float = 0.0                 # sim seconds per wall second; 0 = the scenario's clock
-    min_reports: int = 0                 # fewest reports to commit at the deadline (0 = the goal)
+    min_reports: int = 0                 # the report floor (0 = the goal at the deadline, never below half of it)
+    weight_cap: float = 10.0             # an update weighs at most K x the cohort's median declared examples (0 = off)
     checkin_window_s: float = 0.0        # wall seconds; 0 = 30 s, or the scenario's window at its speedup
     shard: tuple[int, int] | None = None  # (i, n): run only devices with index % n == i
     aggregator: str = "auto"             # "auto" (shard 0 or unsharded), "none", "only"
@@ -307,7 +311,7 @@ def run_simulation(cfg: SimConfig, *, on_start: Callable[[list[SimDevice]], None
     memory there).
     """
     wall_start = time.monotonic()
-    out_dir = Path(cfg.out)
+    out_dir = check_out_dir(cfg.out)  # a bad --out fails now, not after the whole run
     fleet = _Fleet()
     if cfg.scenario:
         fleet = _load_fleet(cfg)
@@ -316,9 +320,13 @@ def run_simulation(cfg: SimConfig, *, on_start: Callable[[list[SimDevice]], None
         corpus = read_corpus(cfg.corpus, cfg.format, seed=cfg.seed)
     task = build_task(corpus, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len)
     users = _pick_users(task, cfg)
+    requested = cfg
+    cfg = fit_cohort(cfg, fleet.scenario.fleet.devices if fleet.scenario else len(users))
     model_config = ModelConfig(vocab_size=task.vocab.size, embed_dim=cfg.embed_dim, units=cfg.units,
                                seq_len=cfg.seq_len, batch_size=cfg.batch_size)
-    bundle = get_or_export_bundle(model_config, task.vocab.to_json(), seed=cfg.seed, target_counts=task.target_counts())
+    # exported in a child process on a cache miss: TensorFlow never enters the simulator's memory
+    bundle = get_or_export_bundle(model_config, task.vocab.to_json(), seed=cfg.seed, target_counts=task.target_counts(),
+                                  in_subprocess=True)
     test_x, test_y = task.pooled_test()
     log.info("task %s: %d users, vocabulary %d, %d test windows, model %s (%d parameters)", corpus.name,
              len(users), task.vocab.size, len(test_x), bundle.model_id, bundle.param_count)
@@ -332,7 +340,9 @@ def run_simulation(cfg: SimConfig, *, on_start: Callable[[list[SimDevice]], None
     byzantine = ByzantineFleet.from_spec(cfg.byzantine, fleet.scenario.fleet.devices if fleet.scenario else len(users),
                                          cfg.seed)
     last = None
+    interrupt = _Interrupt()
     with contextlib.ExitStack() as stack:
+        stack.push(interrupt)  # the first in, the last out: Ctrl-C lands here once everything has stopped
         n_conn = (fleet.scenario.fleet.devices if fleet.scenario else len(users)) if cfg.runs_devices else 0
         raise_fd_limit(4 * n_conn + 1024)  # before an embedded broker starts: it shares our limit
         address = _broker(cfg, stack)
@@ -369,6 +379,7 @@ def run_simulation(cfg: SimConfig, *, on_start: Callable[[list[SimDevice]], None
         else:
             assert evaluator is not None
             progress = _progress(cfg)
+            stack.callback(progress.close)
             last = _evaluate(evaluator, agg.weights, test_x, test_y)
             log.info("round 0: top-1 %.4f top-3 %.4f", last.top1, last.top3)
             for _ in range(cfg.rounds):
@@ -414,18 +425,26 @@ def run_simulation(cfg: SimConfig, *, on_start: Callable[[list[SimDevice]], None
                 progress.update(1)
                 progress.set_postfix(top3=f"{last.top3:.4f}", up=f"{result.uplink_bytes / 1e6:.1f}MB",
                                      ok=f"{result.participants}/{result.cohort}")
+                _round_line(progress, cfg, row)
             progress.close()
             if cfg.shard is not None or cfg.aggregator == "only":
                 _announce_done(cfg, settings, hub)
         if fleet.clock is not None:
             fleet.clock.freeze()
 
+    if interrupt.stopped_by and not per_round:
+        raise RunInterrupted(f"no round had finished: nothing written to {out_dir}")
     if agg is not None:
         report = _report(cfg, corpus.name, task, bundle, per_round, last, devices, wall_start)
+        report["clients_per_round_requested"] = requested.clients_per_round
     else:
         report = {"task": corpus.name, "devices": len(devices), "shard": list(cfg.shard or (0, 1)),
                   "aggregator": False, "wall_s": time.monotonic() - wall_start, "peak_rss_mb": peak_rss_mb(),
-                  "config": asdict(cfg), **machine()}
+                  **machine()}
+    report["config"] = asdict(requested)  # what was asked; the top level says what ran
+    report["partial"] = interrupt.stopped_by is not None
+    if interrupt.stopped_by:
+        report.update(stopped_by=interrupt.stopped_by, rounds=len(per_round), rounds_requested=cfg.rounds)
     if byzantine is not None and agg is not None:
         report["byzantine"] = byzantine.summary()
     if fleet.recorder is not None:
@@ -434,7 +453,36 @@ def run_simulation(cfg: SimConfig, *, on_start: Callable[[list[SimDevice]], None
     if agg is not None:
         plot_accuracy(report, out_dir / "accuracy.png")
     log.info("report written to %s", out_dir / "report.json")
+    if interrupt.stopped_by:
+        plot = ", accuracy.png" if agg is not None else ""
+        raise RunInterrupted(f"kept the partial report of {len(per_round)} of {cfg.rounds} rounds: "
+                             f"{out_dir / 'report.json'}{plot}")
     return report
+
+
+class _Interrupt:
+    """An ExitStack exit callback that lets Ctrl-C end the rounds but not the run: pushed first, it
+    runs after the fleet, the aggregator and the broker have stopped, notes the interrupt and
+    swallows it, so the report of the rounds done is still written (marked partial)."""
+
+    def __init__(self) -> None:
+        self.stopped_by: str | None = None
+
+    def __call__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.stopped_by = "SIGINT"
+            return True
+        return False
+
+
+def fit_cohort(cfg: SimConfig, fleet_size: int) -> SimConfig:
+    """`cfg` with at most `fleet_size` clients per round (and reports to commit): a round cannot wait
+    for more devices than the fleet has. Says so once, as a warning; the report keeps both numbers."""
+    if cfg.clients_per_round <= fleet_size or fleet_size < 1:
+        return cfg
+    log.warning("--clients-per-round %d is more than the %d device(s) of the fleet: running %d per round",
+                cfg.clients_per_round, fleet_size, fleet_size)
+    return dataclasses.replace(cfg, clients_per_round=fleet_size, min_reports=min(cfg.min_reports, fleet_size))
 
 
 def _signing_keys(cfg: SimConfig) -> tuple[object, object]:
@@ -492,6 +540,7 @@ def _aggregator_config(cfg: SimConfig, fleet: _Fleet, n_users: int) -> Aggregato
     return AggregatorConfig(
         fleet=cfg.fleet, clients_per_round=cfg.clients_per_round, checkin_window_s=checkin_s,
         expected_checkins=expected, report_deadline_s=deadline_s, codec=cfg.codec, min_reports=cfg.min_reports,
+        weight_cap=cfg.weight_cap, checkin_patience_s=_checkin_patience(cfg, fleet, n_users),
         downlink=cfg.downlink, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size,
         client_lr=cfg.client_lr, aggregation=cfg.aggregation, server_optimizer=cfg.server_optimizer,
         server_lr=cfg.server_lr, seed=cfg.seed, over_selection=cfg.over_selection, mu=cfg.mu,
@@ -500,6 +549,15 @@ def _aggregator_config(cfg: SimConfig, fleet: _Fleet, n_users: int) -> Aggregato
         max_steps=fleet.scenario.training.max_steps if fleet.scenario is not None else 0,
         secure_aggregation=cfg.secure_aggregation, secagg_bits=cfg.secagg_bits, update_clip=cfg.update_clip,
     )
+
+
+def _checkin_patience(cfg: SimConfig, fleet: _Fleet, n_users: int) -> float:
+    """How long a window below the report floor waits for more devices. Always-eligible devices
+    all come back, so the round waits for them (as `fedboard aggregator` does); a scenario pins
+    its devices' readings until the cohort is chosen, so nobody new can become eligible: there
+    the round is abandoned instead. A fleet smaller than the floor could never fill a round."""
+    return math.inf if fleet.scenario is None and n_users >= report_floor(cfg.clients_per_round, cfg.min_reports) \
+        else 0.0
 
 
 def _update_expected_checkins(agg: Aggregator, cfg: SimConfig, fleet: _Fleet, devices: list[SimDevice]) -> None:
@@ -710,6 +768,18 @@ def _evaluate(model: LiteRTModel, weights: np.ndarray, x: np.ndarray, y: np.ndar
     return evaluate(model, x, y)
 
 
+def _round_line(progress, cfg: SimConfig, row: dict) -> None:
+    """One console line a round (the quiet run's whole story besides warnings), and the same in the log."""
+    top = f"top-3 {row['top3']:.4f}" if row.get("top3") is not None else "not evaluated"
+    line = (f"round {row['round']}/{cfg.rounds}: {'committed' if row.get('committed', True) else 'ABANDONED'} "
+            f"{row.get('participants', 0)}/{row.get('cohort', 0)} reports, {top}, "
+            f"up {row.get('uplink_bytes', 0) / 1e6:.2f} MB, down {row.get('downlink_bytes', 0) / 1e6:.1f} MB, "
+            f"{row.get('round_wall_s', 0):.1f} s")
+    log.info(line)
+    if cfg.progress:
+        progress.write(line, file=sys.stderr)
+
+
 def _progress(cfg: SimConfig):
     from tqdm.auto import tqdm
 
@@ -765,6 +835,7 @@ def _report(cfg: SimConfig, corpus_name: str, task: Task, bundle, per_round: lis
         "bits_per_parameter": 8 * per_update / bundle.param_count if per_update else None,
         "wall_s": time.monotonic() - wall_start,
         "peak_rss_mb": peak_rss_mb(),
+        "export_peak_rss_mb": last_export_peak_rss_mb(),  # None: the bundle came from the cache
         "config": asdict(cfg),
         **machine(),
     }

@@ -12,11 +12,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from protocol.cli_entry import HelpFormatter
+
 # the options shared with `fedboard simulate`: argparse dest -> SimConfig field
 SIM_OPTIONS = {name: name for name in (
     "corpus", "format", "rounds", "vocab_size", "seq_len", "seed", "embed_dim", "units", "devices", "batch_size",
     "client_lr", "client_clip", "mu", "downlink", "downlink_delta", "server_optimizer", "server_lr", "aggregation",
     "over_selection", "broker", "mqtt_version", "pool_size", "eval_every")} | {"deadline_s": "report_deadline_s"}
+
+TUNE_EXAMPLES = """examples:
+  fedboard tune --rounds 10 --out runs/tune                  # the built-in sweep
+  fedboard tune --codecs 'q8 q4|zstd ef|topk:0.01|q4|zstd' --clients-per-round 10 20 --rounds 10
+  fedboard tune --grid grid.toml --out runs/tune             # run again after Ctrl-C: it resumes
+"""
 
 CODEC_HELP = ("Specs contain '|' and ',', so quote them: --codec 'ef|topk:0.01|q4|zstd'. --codecs takes a list "
               "separated by spaces, ';' or ',' (a ',' inside a stage, as in 'randk:0.1,unbiased', is kept).")
@@ -33,9 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "value) with the same corpus, round budget and seed; writes OUT/tune.csv, tune.md, tune.json, "
                     "pareto.png and OUT/runs/<point>/report.json, and prints the cheapest spec whose top-3 is "
                     "within --tolerance of the baseline. Points whose report exists are not run again, so an "
-                    f"interrupted sweep resumes. {CODEC_HELP} Without any spec it sweeps: {' '.join(DEFAULT_CODECS)}.")
+                    f"interrupted sweep resumes. {CODEC_HELP} Without any spec it sweeps: {' '.join(DEFAULT_CODECS)}.",
+        formatter_class=HelpFormatter, epilog=TUNE_EXAMPLES)
     what = tune.add_argument_group("what to sweep")
-    what.add_argument("--codec", action="append", default=[], metavar="SPEC", help="a codec spec (repeatable)")
+    what.add_argument("--codec", action="append", default=[], metavar="SPEC",
+                      help="a codec spec (repeatable; default: the built-in sweep above when no spec is given)")
     what.add_argument("--codecs", action="append", default=[], metavar="LIST", help="several specs in one string")
     what.add_argument("--codecs-file", type=Path, metavar="FILE", help="one spec per line, '#' comments")
     what.add_argument("--grid", type=Path, metavar="TOML",
@@ -46,12 +56,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     what.add_argument("--baseline", default="f32", help="the reference spec, always run (default f32)")
     what.add_argument("--tolerance", type=float, default=0.01,
                       help="accepted top-3 loss relative to the baseline (default 0.01 = 1 %%)")
-    what.add_argument("--out", type=Path, default=Path("runs/tune"), help="output directory (default runs/tune)")
-    what.add_argument("--no-progress", action="store_true")
+    what.add_argument("--out", type=Path, default=Path("runs/tune"), help="output directory (default runs/tune; "
+                      "checked before the sweep starts)")
+    what.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sim = tune.add_argument_group("simulator settings shared by every point (defaults: those of fedboard simulate)")
     sim.add_argument("--corpus", help="corpus file or directory (default: the built-in synthetic keyboard corpus)")
-    sim.add_argument("--format", choices=CORPUS_FORMATS)
+    sim.add_argument("--format", choices=CORPUS_FORMATS, help="corpus format (default: guessed from the path)")
     sim.add_argument("--rounds", type=int, help="round budget of every point")
     sim.add_argument("--devices", type=int, help="cap the fleet at N devices")
     sim.add_argument("--seed", type=int)
@@ -74,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--mqtt-version", type=int, choices=(3, 5))
     sim.add_argument("--pool-size", type=int)
     sim.add_argument("--eval-every", type=int)
-    tune.set_defaults(handler=tune_command)
+    tune.set_defaults(handler=tune_command, quiet_log_level="WARNING")
 
 
 def gather_codecs(args: argparse.Namespace, grid_codecs: tuple[str, ...] = ()) -> list[str]:
@@ -111,7 +122,13 @@ def tune_command(args: argparse.Namespace) -> int:
     base = base_config(args)
     points = expand_grid(codecs, args.clients_per_round or grid.clients_per_round or (base.clients_per_round,),
                          args.local_epochs or grid.local_epochs or (base.local_epochs,), baseline=args.baseline)
-    print(f"fedboard tune: {len(points)} runs of {base.rounds} rounds -> {args.out}", file=sys.stderr)
+    from protocol.cli_entry import check_out_dir
+
+    check_out_dir(args.out)  # after the specs parse (a typo leaves nothing behind), before any point runs
+    from protocol.cli_entry import attach_log_file
+
+    log_file = attach_log_file(Path(args.out) / "tune.log", args)
+    print(f"fedboard tune: {len(points)} runs of {base.rounds} rounds -> {args.out} (log: {log_file})", file=sys.stderr)
     result = run_tune(base, points, args.out, baseline=args.baseline, tolerance=args.tolerance,
                       progress=not args.no_progress)
     print(markdown_table(result.rows))
