@@ -14,12 +14,14 @@ Every manifest carries the sha256 of the float32 weights a device must end up wi
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from models.bundle import Bundle
 from protocol.codec import parse_codec
 from protocol.envelope import Envelope, Kind
 from protocol.model_message import ModelMessage
@@ -121,6 +123,20 @@ def build_inference_message(*, fleet: str, model_id: str, version: int, tflite: 
     return _signed_envelope(fleet=fleet, model_id=model_id, version=version, codec=INT8_CODEC, payload=tflite,
                             private_key=private_key, kind=Kind.INFERENCE_MODEL,
                             extra={"weights_f32_sha256": weights_digest(weights), **(extra or {})})
+
+
+@functools.lru_cache(maxsize=4)
+def bundle_file_bytes(bundle: Bundle) -> bytes:
+    """The bundle's zip bytes, made once: what is retained and what the signed model names."""
+    return bundle.to_bytes()
+
+
+def bundle_extra(bundle: Bundle) -> dict:
+    """What a signed model says about its training bundle: its identity, and the sha256 and size
+    of its BYTES, which a device checks before it opens the zip (no inflating what nobody signed)."""
+    data = bundle_file_bytes(bundle)
+    return {"bundle_sha256": bundle.sha256, "bundle_file_sha256": hashlib.sha256(data).hexdigest(),
+            "bundle_file_bytes": len(data)}
 
 
 def bundle_envelope(fleet: str, bundle_bytes: bytes, model_id: str) -> bytes:

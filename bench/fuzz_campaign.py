@@ -17,6 +17,11 @@ reproducer (seed, target, input number). Some targets also check a property on s
 (decoded vectors finite and of the announced size; `decode_accumulate` leaving its
 accumulator untouched when it raises; canonical codec specs re-parsing to themselves).
 
+The device-side targets also carry a memory bound: every input runs under tracemalloc and an
+input whose parse holds more than the bound at its peak is counted as a crash ("memory"), so a
+zip bomb or an endless line that a parser inflates before refusing it fails the campaign even
+when the machine has the memory to survive it. The process's peak RSS is reported as well.
+
 Mutation is seeded (`random.Random(f"{seed}:{target}")`), so a crash reported at input k of
 a target is reproduced by the same command. Not coverage-guided: atheris (which would be) has a
 CPython 3.11 wheel but is not a dependency of the project; tests/test_fuzz_campaign.py keeps a
@@ -34,11 +39,13 @@ import math
 import os
 import platform
 import random
+import resource
 import signal
 import sys
 import tempfile
 import time
 import traceback
+import tracemalloc
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -320,6 +327,7 @@ class Target:
     generate: Callable[[random.Random], Any]      # one mutated input
     run: Callable[[Any], Any]                     # parse; raise the typed error to reject
     allowed: tuple[type[BaseException], ...] = (ProtocolError,)
+    memory_bound_mb: float | None = None          # most a single input may hold (tracemalloc peak)
     # config loaders: which mutated key the last input changed, and whether refusals named it
     key_checks: Counter = field(default_factory=Counter)
     unnamed_samples: list[str] = field(default_factory=list)
@@ -360,6 +368,10 @@ class TargetStats:
     signatures: Counter = field(default_factory=Counter)  # crash type and where it was raised
     key_checks: dict = field(default_factory=dict)
     unnamed_samples: list[str] = field(default_factory=list)
+    memory_bound_mb: float | None = None
+    memory_violations: int = 0
+    max_traced_mb: float = 0.0      # the largest tracemalloc peak of one input
+    process_peak_rss_mb: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {"target": self.name, "parser": self.parser, "inputs": self.inputs, "accepted": self.accepted,
@@ -367,6 +379,9 @@ class TargetStats:
                 "crashes": self.crash_count, "hangs": self.hangs, "max_s_per_input": round(self.max_s, 4),
                 "wall_s": round(self.wall_s, 1), "crash_signatures": dict(self.signatures.most_common()),
                 "crash_samples": self.crashes[:10],
+                **({"memory_bound_mb": self.memory_bound_mb, "memory_violations": self.memory_violations,
+                    "max_traced_mb_per_input": round(self.max_traced_mb, 2),
+                    "process_peak_rss_mb": round(self.process_peak_rss_mb, 1)} if self.memory_bound_mb else {}),
                 **({"refusals_naming_the_mutated_key": self.key_checks, "refusals_not_naming_it_samples":
                     self.unnamed_samples} if self.key_checks else {})}
 
@@ -391,14 +406,20 @@ def _describe(value: Any) -> str:
 
 def fuzz_target(target: Target, count: int, seed: int, deadline_s: float = DEFAULT_DEADLINE_S) -> TargetStats:
     """Feed `count` generated inputs to `target.run`; classify every outcome."""
-    stats = TargetStats(target.name, target.parser)
+    stats = TargetStats(target.name, target.parser, memory_bound_mb=target.memory_bound_mb)
     rng = random.Random(f"{seed}:{target.name}")
+    traced = target.memory_bound_mb is not None and not tracemalloc.is_tracing()
+    if traced:
+        tracemalloc.start()
     outer_timer = signal.getitimer(signal.ITIMER_REAL)  # e.g. pytest-timeout's alarm: put it back after
     previous = signal.signal(signal.SIGALRM, _on_alarm)
     started = time.perf_counter()
     try:
         for i in range(count):
             value = target.generate(rng)
+            if traced:
+                tracemalloc.reset_peak()
+                base = tracemalloc.get_traced_memory()[0]
             t0 = time.perf_counter()
             signal.setitimer(signal.ITIMER_REAL, deadline_s)
             try:
@@ -418,6 +439,16 @@ def fuzz_target(target: Target, count: int, seed: int, deadline_s: float = DEFAU
             elapsed = time.perf_counter() - t0
             stats.inputs += 1
             stats.max_s = max(stats.max_s, elapsed)
+            if traced:
+                held_mb = (tracemalloc.get_traced_memory()[1] - base) / 2**20
+                stats.max_traced_mb = max(stats.max_traced_mb, held_mb)
+                if held_mb > target.memory_bound_mb:
+                    stats.memory_violations += 1
+                    stats.crash_count += 1
+                    stats.signatures[f"memory: {held_mb:.0f} MB held, bound {target.memory_bound_mb:.0f} MB"] += 1
+                    if len(stats.crashes) < 50:
+                        stats.crashes.append({"kind": "memory", "held_mb": round(held_mb, 1), "input_no": i,
+                                              "input": _describe(value)})
             if outcome is None:
                 stats.accepted += 1
             elif outcome == "hang":
@@ -436,11 +467,14 @@ def fuzz_target(target: Target, count: int, seed: int, deadline_s: float = DEFAU
             else:
                 stats.rejected[target.reason(outcome)] += 1
     finally:
+        if traced:
+            tracemalloc.stop()
         signal.signal(signal.SIGALRM, previous)
         if outer_timer[0] > 0:
             remaining = outer_timer[0] - (time.perf_counter() - started)
             signal.setitimer(signal.ITIMER_REAL, max(remaining, 0.001), outer_timer[1])
     stats.wall_s = time.perf_counter() - started
+    stats.process_peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if target.key_checks:
         stats.add_key_checks(target)
     return stats
@@ -932,6 +966,85 @@ def bundle_target() -> Target:
                   lambda data: Bundle.from_bytes(data), allowed=(BundleError,))
 
 
+def bundle_bomb_target() -> Target:
+    """Bundles built to exhaust memory: zip bombs (headers honest or lying), huge declared members.
+
+    The device checks the signed digest of the bundle bytes first; these inputs reach the zip
+    reader as a bundle the aggregator itself signed would (or `fedboard predict --bundle`).
+    """
+    from bench.bundle_bomb import ZipEntry, _small_manifest, bomb_bundle, deflate_bomb, deflated, raw_zip
+    from models.bundle import Bundle, BundleError
+
+    sizes = (2**20, 16 * 2**20, 64 * 2**20, 400 * 2**20)
+    huge = (2**27 + 1, 2**28, 2**31 - 1, 2**32 - 1, 2**40, -1)
+
+    def generate(rng: random.Random) -> bytes:
+        roll = rng.random()
+        if roll < 0.45:  # a bomb: the manifest or a member inflates far past what anything says
+            data = bomb_bundle(rng.choice(("manifest", "manifest-honest", "member")), rng.choice(sizes))
+            return mutate_bytes(rng, data) if rng.random() < 0.2 else data
+        manifest, members = _small_manifest(64)
+        entries = {n: deflated(n, d) for n, d in members.items()}
+        entries["model.tflite"] = deflated("model.tflite", b"\0\0\0\0TFL3" + b"\0" * 54)
+        if roll < 0.75:  # huge members: the manifest (and maybe the zip header) claims sizes past the limits
+            name = rng.choice(("model.tflite", "vocab.json", "weights.f32"))
+            size = rng.choice(huge)
+            manifest["members"][name]["size"] = size
+            if rng.random() < 0.5:
+                e = entries[name]
+                entries[name] = ZipEntry(name, e.compressed, e.crc, size % 2**32)
+        else:  # a bomb under another name, or beside a truthful manifest
+            stream, crc = deflate_bomb(rng.choice(sizes), b"\0")
+            name = rng.choice(("model.tflite", "extra.bin", "vocab.json"))
+            entries[name] = ZipEntry(name, stream, crc, rng.choice((64, 2**20, 2**32 - 1)))
+        parts = [deflated("manifest.json", json.dumps(manifest).encode()), *entries.values()]
+        rng.shuffle(parts)
+        return raw_zip(parts)
+
+    return Target("bundle_bomb", "models.bundle.Bundle.from_bytes (zip bombs, huge members)", generate,
+                  lambda data: Bundle.from_bytes(data), allowed=(BundleError,), memory_bound_mb=16.0)
+
+
+def text_import_target(files: _ConfigFiles) -> Target:
+    """`fedboard client add-text --file`: lines, tsv and jsonl exports, and files that are none of those."""
+    from edge_client.textstore import TextStore
+
+    store = TextStore(files.dir / "texts.db", max_rows=1000)
+    seeds = {
+        "lines": b"i am going to the park\nsee you at six\n\nthanks\n",
+        "tsv": b"1700000000\ti am going to the park\tchat\n1700000060.5\tsee you at six\n",
+        "jsonl": b'{"text": "i am going", "ts": 1700000000, "app": "chat"}\n{"text": "see you"}\n',
+    }
+    directory = files.dir / "a-directory"
+    directory.mkdir(exist_ok=True)
+
+    def generate(rng: random.Random) -> tuple[str, str]:
+        fmt = rng.choice(tuple(seeds))
+        roll = rng.random()
+        if roll < 0.05:
+            return "/dev/zero", fmt
+        if roll < 0.08:
+            return str(directory), fmt
+        if roll < 0.25:  # no newline at all
+            data = rng.choice((b"a", b"\xff", b"{", b"[", b" ")) * rng.choice((10**5, 10**6, 8 * 10**6))
+        elif roll < 0.45:  # deep nesting, on one line or past the line limit
+            depth = rng.choice((9, 100, 10_000, 50_000, 100_000))
+            data = seeds["jsonl"] + (b"[" * depth + b"]" * depth if rng.random() < 0.5
+                                     else b'{"text": ' * depth + b'"x"' + b"}" * depth) + b"\n"
+        elif roll < 0.55:  # many short lines
+            data = b"a b\n" * rng.choice((10**3, 10**4, 3 * 10**4))
+        else:
+            data = mutate_bytes(rng, seeds[fmt], rng.choice(tuple(seeds.values())))
+        return str(files.write(f"import.{fmt}", data)), fmt
+
+    def run(item: tuple[str, str]) -> None:
+        path, fmt = item
+        store.import_file(Path(path), fmt)  # type: ignore[arg-type]
+
+    return Target("text_import", "edge_client.textstore.TextStore.import_file (add-text --file)", generate, run,
+                  allowed=(ValueError,), memory_bound_mb=16.0)
+
+
 # -- config files ------------------------------------------------------------------------------------
 class _ConfigFiles:
     """Writes each config mutant to one scratch file (tmpfs when there is one)."""
@@ -1056,8 +1169,9 @@ def scenario_target(files: _ConfigFiles) -> Target:
 def all_targets(intake_dim: int = REFERENCE_DIM) -> list[Target]:
     files = _ConfigFiles()
     return [envelope_target(), messages_target(), model_message_target(), signing_target(), codec_payload_target(),
-            codec_spec_target(), secagg_target(), intake_target(intake_dim), bundle_target(), client_config_target(files),
-            aggregator_config_target(files), scenario_target(files)]
+            codec_spec_target(), secagg_target(), intake_target(intake_dim), bundle_target(), bundle_bomb_target(),
+            text_import_target(files), client_config_target(files), aggregator_config_target(files),
+            scenario_target(files)]
 
 
 def run_campaign(per_target: int, seed: int, only: list[str] | None = None, intake_dim: int = REFERENCE_DIM,
@@ -1103,6 +1217,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{s.name}] {n} x {signature}")
         if s.key_checks:
             print(f"[{s.name}] refusals of one-key mutations naming the key: {s.key_checks}")
+        if s.memory_bound_mb:
+            print(f"[{s.name}] most held by one input {s.max_traced_mb:.1f} MB (bound {s.memory_bound_mb:.0f} MB, "
+                  f"{s.memory_violations} over); process peak RSS so far {s.process_peak_rss_mb:.0f} MB")
     if args.verbose:
         for s in results:
             for c in s.crashes:
@@ -1112,6 +1229,7 @@ def main(argv: list[str] | None = None) -> int:
               "deadline_s": args.deadline_s, "intake_dim": args.intake_dim,
               "inputs_total": sum(s.inputs for s in results),
               "crashes_total": sum(s.crash_count for s in results), "hangs_total": sum(s.hangs for s in results),
+              "memory_violations_total": sum(s.memory_violations for s in results),
               "wall_s": round(time.perf_counter() - started, 1), "targets": [s.as_dict() for s in results],
               "command": "python bench/fuzz_campaign.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}

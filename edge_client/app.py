@@ -38,6 +38,7 @@ from paho.mqtt.client import CallbackAPIVersion
 from edge_client.client_config import ClientConfig
 from edge_client.device import DeviceClient, DeviceConfig
 from edge_client.eligibility import EligibilityPolicy
+from edge_client.eligibility import Reason as EligibilityReason
 from edge_client.linux_platform import LinuxPlatform
 from edge_client.platform import Platform
 from edge_client.outbox import Outbox
@@ -45,7 +46,7 @@ from edge_client.residuals import ResidualStore
 from edge_client.text_windows import StoreWindows
 from edge_client.textstore import TextStore
 from edge_client.trainer import InterpreterPool
-from models.bundle import Bundle, BundleError, read_bundle
+from models.bundle import MAX_BUNDLE_BYTES, Bundle, BundleError, read_bundle
 from models.tokenizer import Vocabulary
 from protocol.codec import parse_codec
 from protocol.envelope import DEFAULT_MAX_PAYLOAD, Kind, decode_envelope
@@ -225,6 +226,77 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
+# -- the state directory ------------------------------------------------------------------------------
+def _probe_write(directory: Path) -> None:
+    """Create, write, fsync, rename and remove a small file: everything a state file needs (OSError if not)."""
+    probe = directory / f".write-probe-{os.getpid()}"
+    write_atomic(probe, b"fedboard\n")
+    probe.unlink()
+
+
+def ensure_state_dir(path: Path) -> None:
+    """Create the state directory (0700) and prove it takes a file; ValueError naming it if not.
+
+    Without it the client fetched a bundle it could not cache (a traceback), or, with a cached
+    bundle, checked in, took a cohort seat, trained, and then discarded the update it could not
+    write to its outbox, every round.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _probe_write(path)
+    except OSError as exc:
+        raise ValueError(f"state directory {path} is not writable ({exc.strerror or exc}): the client keeps its "
+                         "bundle, trust state and unsent updates there; give the service's user write access "
+                         "(systemd: StateDirectory=fedboard) or set [device] state_dir to a writable path") from None
+
+
+class StateDirProbe:
+    """Whether the device can still persist an update: the directories take a file and have room.
+
+    Asked before every check-in (`EligibilityGate`), at most once per `interval_s`: a device
+    that cannot keep its update until the broker acknowledges it must not take a cohort seat.
+    A change of answer is logged once (WARNING when it starts, INFO when it ends).
+    """
+
+    def __init__(self, directories: tuple[Path, ...], *, min_free_bytes: int, interval_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.directories = tuple(Path(d) for d in directories)
+        self.min_free_bytes = min_free_bytes
+        self.interval_s = interval_s
+        self._clock = clock
+        self._checked: tuple[float, bool] | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> bool:
+        now = self._clock()
+        with self._lock:
+            if self._checked is not None and now - self._checked[0] < self.interval_s:
+                return self._checked[1]
+            problem = self._problem()
+            ok = problem is None
+            if self._checked is None or self._checked[1] != ok:
+                if ok:
+                    if self._checked is not None:
+                        log.info("state directory writable again: checking in for rounds")
+                else:
+                    log.warning("cannot persist updates (%s): not checking in for rounds until it can "
+                                "(eligibility reason %s)", problem, "state_not_writable")
+            self._checked = (now, ok)
+            return ok
+
+    def _problem(self) -> str | None:
+        for directory in self.directories:
+            try:
+                _probe_write(directory)
+                st = os.statvfs(directory)
+            except OSError as exc:
+                return f"{directory}: {exc.strerror or exc}"
+            free = st.f_bavail * st.f_frsize
+            if free < self.min_free_bytes:
+                return f"{directory}: {free} bytes free, an update needs up to {self.min_free_bytes}"
+        return None
+
+
 # -- eligibility -------------------------------------------------------------------------------------
 class EligibilityGate:
     """The `eligibility(training) -> (ok, reasons)` callable DeviceClient asks.
@@ -234,9 +306,10 @@ class EligibilityGate:
     """
 
     def __init__(self, platform: Platform, policy: EligibilityPolicy, *, check_interval_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, storage: Callable[[], bool] | None = None) -> None:
         self.platform = platform
         self.policy = policy
+        self.storage = storage  # `StateDirProbe`: asked before a check-in, not at every training step
         self.check_interval_s = check_interval_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -249,6 +322,8 @@ class EligibilityGate:
                 return self._cached[1]
         decision = self.policy.check(self.platform.read(), training=training)
         answer = (decision.eligible, tuple(r.value for r in decision.reasons))
+        if not training and self.storage is not None and not self.storage():
+            answer = (False, answer[1] + (EligibilityReason.STATE_NOT_WRITABLE.value,))
         with self._lock:
             self._cached = (now, answer) if training else None
         return answer
@@ -340,6 +415,17 @@ class VerifiedModel:
                                                "bundle (manifest extra.bundle_sha256): update the aggregator")
         return sha
 
+    @property
+    def bundle_file(self) -> tuple[str, int]:
+        """(sha256, size) of the training bundle's BYTES, checked before the zip is opened."""
+        sha, size = self.manifest.extra.get("bundle_file_sha256"), self.manifest.extra.get("bundle_file_bytes")
+        if not isinstance(sha, str) or not _SHA256.match(sha) or isinstance(size, bool) or not isinstance(size, int) \
+                or not 0 < size <= MAX_BUNDLE_BYTES:
+            raise TrustError(Reason.BAD_FIELD, f"model v{self.manifest.version} does not sign its training bundle's "
+                                               "bytes (manifest extra.bundle_file_sha256, bundle_file_bytes): "
+                                               "update the aggregator")
+        return sha, size
+
 
 def verify_model_message(data: bytes, public_key: object, fleet: str) -> VerifiedModel:
     """Parse and verify a model message (signature, fleet, payload hash); ProtocolError if refused."""
@@ -399,6 +485,7 @@ def bootstrap(config: ClientConfig, public_key: object) -> tuple[Bundle, Verifie
         try:
             model = verify_model_message(data, public_key, fleet)
             wanted = model.bundle_sha256
+            file_sha, file_size = model.bundle_file
         except ProtocolError as exc:
             raise BootstrapError(f"refused the retained model on {topics.model}: {exc} (is "
                                  f"{config.trust.aggregator_public_key} the aggregator's public key?)") from None
@@ -409,13 +496,15 @@ def bootstrap(config: ClientConfig, public_key: object) -> tuple[Bundle, Verifie
             raise BootstrapError(f"no retained training bundle on {topics.bundle} within {timeout:.0f} s")
         try:
             envelope = decode_envelope(data, expect=Kind.BUNDLE, max_payload=DEFAULT_MAX_PAYLOAD)
-            bundle = Bundle.from_bytes(envelope.payload)
+            if len(envelope.payload) != file_size:  # the signed size and digest come before any unzipping
+                raise BundleError(f"{len(envelope.payload)} bytes, the signed model names {file_size}")
+            bundle = Bundle.from_bytes(envelope.payload, expected_sha256=file_sha)
         except (ProtocolError, BundleError) as exc:
             raise BootstrapError(f"the retained bundle on {topics.bundle} is unusable: {exc}") from None
         if bundle.sha256 != wanted:
             raise BootstrapError(f"the retained bundle {bundle.sha256[:12]} is not the one the signed model names "
                                  f"({wanted[:12]}): refusing it")
-        write_atomic(cache_path, bundle.to_bytes(), 0o600)
+        write_atomic(cache_path, envelope.payload, 0o600)  # the signed bytes themselves
         log.info("training bundle %s (%d parameters) fetched and cached in %s", bundle.model_id,
                  bundle.param_count, cache_path)
         return bundle, model
@@ -454,7 +543,7 @@ class ClientApp:
         tune_malloc()
         self.config = config
         self.state_dir = config.device.state_dir
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_state_dir(self.state_dir)
         self.public_key = load_public_key(config.trust.aggregator_public_key)
         p = config.platform
         self.platform: Platform = platform or LinuxPlatform(
@@ -479,6 +568,9 @@ class ClientApp:
                 self.trust.accept(retained.signed, retained.payload)
             except TrustError:
                 pass  # logged by ModelTrust; the device waits for a newer model
+        # an uncompressed float32 update must fit, or the round's work would be lost
+        self.gate.storage = StateDirProbe((self.state_dir, self.state_dir / "outbox"),
+                                          min_free_bytes=4 * self.bundle.param_count + 2**20)
         store = TextStore(cfg.device.data, max_age_days=cfg.store.max_age_days, max_rows=cfg.store.max_rows)
         windows = StoreWindows(store, Vocabulary.from_json(self.bundle.vocab_json), self.bundle.config.seq_len)
         # The interpreter lives only while a round trains: between rounds the client holds no

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 # How long a device waits for the retained delta of the round's base version before it
 # fetches the full model instead.
 DELTA_WAIT_S = 10.0
+SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: a client with the same id connected
+SHORT_SESSION_S = 30.0     # an accepted session the broker closes sooner is suspect (edge_client.mqtt_hub)
+
 # A pace-steering retry_after shorter than this is not worth an unsubscribe and a subscribe:
 # the device keeps hearing plans (and checks in once the retry has run out).
 QUIET_MIN_S = 1.0
@@ -151,6 +154,8 @@ class DeviceClient:
         self._secure: SecureUpdate | None = None  # the secure-aggregation round in progress
         self._stopped = threading.Event()
         self.ready = threading.Event()  # set once connected and subscribed
+        self._accepted_at = 0.0                # monotonic time of the last accepted connection
+        self._short_sessions = 0               # accepted connections in a row the broker soon closed
         self._dim = int(pool.bundle.initial_weights.size)
         self._client = self._make_client()
 
@@ -204,6 +209,7 @@ class DeviceClient:
             log.warning("%s: connection refused: %s", self.config.device_id, reason_code)
             return
         self.stats.connects += 1
+        self._accepted_at = time.monotonic()
         me = self.config.device_id
         subs = [(self.topics.assign(me), 1), (self.topics.ack(me), 1),
                 (self.topics.secagg_roster, 1), (self.topics.secagg_unmask, 1), (self.topics.secagg_down(me), 1)]
@@ -229,7 +235,17 @@ class DeviceClient:
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, reason_code: object,
                        properties: object = None) -> None:
         self.ready.clear()
-        if not self._stopped.is_set():
+        if self._stopped.is_set():
+            return
+        lived = time.monotonic() - self._accepted_at
+        self._short_sessions = self._short_sessions + 1 if lived < SHORT_SESSION_S else 0
+        # Mosquitto 2.0 closes the taken-over connection without sending its DISCONNECT 0x8E:
+        # accepted sessions that end at once, twice in a row, are the same symptom.
+        if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER or self._short_sessions == 2:
+            log.warning("%s: the broker closed this session %.1f s after accepting it (%s): another client uses "
+                        "this client id %r (two devices with one [device] id?); reconnecting with backoff",
+                        self.config.device_id, lived, reason_code, self.config.device_id)
+        else:
             log.info("%s: disconnected (%s); paho will reconnect", self.config.device_id, reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:

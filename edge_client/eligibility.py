@@ -32,6 +32,7 @@ class Reason(str, enum.Enum):
     BATTERY_LOW = "battery_low"
     TOO_HOT = "too_hot"
     LOW_MEMORY = "low_memory"
+    STATE_NOT_WRITABLE = "state_not_writable"  # the update could not be kept until the broker has it
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,10 @@ a simulator holds thousands of devices and a real device holds one connection th
 
 It also owns reconnection: after a lost connection (or a failed first connect) it retries with
 exponential backoff and full jitter, so a fleet that lost its broker does not come back as one
-synchronized stampede.
+synchronized stampede. A connection counts as good only once it has stayed up for
+`STABLE_AFTER_S`: one the broker drops at once (credentials refused after the TCP handshake,
+or another client taking the session because it uses the same client id) backs off like a
+connection that was refused, instead of reconnecting every second for ever.
 """
 from __future__ import annotations
 
@@ -26,6 +29,9 @@ import paho.mqtt.client as mqtt
 
 log = logging.getLogger(__name__)
 
+# A connection that lived this long was a good one: the next loss starts the backoff afresh.
+STABLE_AFTER_S = 30.0
+
 
 @dataclass
 class _Conn:
@@ -38,6 +44,7 @@ class _Conn:
     sock: object | None = None
     attempts: int = 0
     next_try: float = 0.0
+    opened_at: float | None = None   # monotonic time the socket of the current connection opened
     started: bool = False
     want_write: bool = False     # EVENT_WRITE registered: a write found the socket full
     flush_due: bool = False      # paho queued a packet: write it at the end of this loop turn
@@ -240,7 +247,6 @@ class MqttHub:
             else:
                 conn.client.connect(conn.host, conn.port, keepalive=conn.keepalive)
                 conn.started = True
-            conn.attempts = 0
         except (OSError, mqtt.WebsocketConnectionError, ValueError) as exc:
             conn.started = conn.started or getattr(conn.client, "_host", "") != ""
             self._schedule_retry(conn, f"{type(exc).__name__}: {exc}")
@@ -285,6 +291,7 @@ class MqttHub:
         if conn.sock is not None:
             self._forget_sock(conn)
         conn.sock = sock
+        conn.opened_at = time.monotonic()
         self._by_sock[sock.fileno()] = conn
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.want_write() else 0)
         conn.want_write = bool(events & selectors.EVENT_WRITE)
@@ -295,7 +302,11 @@ class MqttHub:
         if conn is None or conn.sock is not sock:
             return
         self._forget_sock(conn)
-        self._schedule_retry(conn, "connection lost")
+        lived = time.monotonic() - (conn.opened_at or 0.0)
+        if lived >= STABLE_AFTER_S:  # a good connection: back off afresh
+            conn.attempts = 0
+        self._schedule_retry(conn, "connection lost" if lived >= STABLE_AFTER_S else
+                             f"connection lost {lived:.1f} s after it opened")
 
     def _forget_sock(self, conn: _Conn) -> None:
         sock = conn.sock

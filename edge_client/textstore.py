@@ -7,7 +7,6 @@ locally and only model updates go on the wire.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,6 +17,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
+
+from edge_client.text_import import ImportLimits, import_lines, json_record
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +109,13 @@ class TextStore:
             raise ValueError(f"unknown import format {fmt!r}: use 'lines', 'tsv' or 'jsonl'")
         path = Path(path)
         rows: list[tuple[float, str, str | None]] = []
-        with open(path, "rb") as handle:
-            for lineno, raw in enumerate(handle, start=1):
-                try:
-                    line = raw.decode("utf-8").rstrip("\r\n")
-                    if not line.strip():
-                        continue
-                    rows.append(self._parse_line(line, fmt))
-                except (ValueError, UnicodeDecodeError) as exc:
-                    raise ValueError(f"{path}:{lineno}: {exc}") from None
+        for lineno, line in import_lines(path, ImportLimits.for_text_chars(self.max_text_chars)):  # bounded reads
+            try:
+                if not line.strip():
+                    continue
+                rows.append(self._parse_line(line, fmt))
+            except ValueError as exc:
+                raise ValueError(f"{path}:{lineno}: {exc}") from None
         added = self._insert_rows(rows)
         log.info("imported %d texts from %s", added, path)
         return added
@@ -133,10 +132,7 @@ class TextStore:
             except ValueError:
                 raise ValueError(f"timestamp {cols[0][:40]!r} is not a number") from None
             return self._row(cols[1], ts, cols[2] if len(cols) == 3 and cols[2] else None)
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        obj = json_record(line)
         if not isinstance(obj, dict):
             raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
         unknown = sorted(set(obj) - {"text", "ts", "app"})

@@ -15,6 +15,12 @@ The bundle's identity (``sha256``, ``model_id``) is the sha256 of the canonical
 manifest bytes, which hold the member hashes, so it covers every byte that
 matters. Reading verifies all of it and raises `BundleError` on anything wrong.
 
+Reading is bounded, because a zip is a decompression bomb waiting to happen (a 429 kB
+bundle whose manifest inflated to 400 MB drove a device to 863 MB): the bundle's bytes are
+checked against a signed digest first when the caller has one (`expected_sha256`), the
+manifest may inflate to `MAX_MANIFEST_BYTES` at most, and every other member is inflated in
+small chunks and refused the moment it passes the size the manifest gives for it.
+
 numpy and the standard library only: devices read bundles without TensorFlow.
 """
 
@@ -39,6 +45,8 @@ from models.config import ModelConfig
 
 __all__ = [
     "BUNDLE_FORMAT",
+    "MAX_BUNDLE_BYTES",
+    "MAX_MANIFEST_BYTES",
     "Bundle",
     "BundleError",
     "WeightSpec",
@@ -56,9 +64,13 @@ TFLITE = "model.tflite"
 VOCAB = "vocab.json"
 WEIGHTS = "weights.f32"
 _MEMBERS = (TFLITE, VOCAB, WEIGHTS)
-# A bundle of the reference model is about 3.2 MB; refuse to inflate anything
-# absurd (a corrupt or hostile zip) before reading it into memory.
-_MAX_MEMBER_BYTES = 512 * 1024 * 1024
+# A bundle of the reference model is about 3.2 MB (members 6.4 + 3.1 MB inflated, manifest
+# 1.5 kB); refuse anything absurd (a corrupt or hostile zip) before it is held in memory.
+_MAX_MEMBER_BYTES = 128 * 1024 * 1024     # one member, inflated
+_MAX_INFLATED_BYTES = 192 * 1024 * 1024   # all members together: a device's MemoryMax is 300 MB
+MAX_MANIFEST_BYTES = 1024 * 1024      # what manifest.json may inflate to
+MAX_BUNDLE_BYTES = 64 * 1024 * 1024   # a bundle file (compressed), as the envelope allows
+_INFLATE_CHUNK = 64 * 1024            # the most a single read inflates at once
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed, so equal bundles are equal bytes
 
 
@@ -311,8 +323,15 @@ class Bundle:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Bundle":
-        """Parse and verify a bundle; raises `BundleError` saying what is wrong."""
+    def from_bytes(cls, data: bytes, *, expected_sha256: str | None = None) -> "Bundle":
+        """Parse and verify a bundle; raises `BundleError` saying what is wrong.
+
+        `expected_sha256` (the sha256 of the bundle's BYTES, as a signed model names it) is
+        checked before the zip is opened, so a substituted bundle never gets inflated at all.
+        """
+        if expected_sha256 is not None and _sha256(data) != expected_sha256:
+            raise BundleError(f"bundle bytes have sha256 {_sha256(data)[:16]}..., the signed model names "
+                              f"{str(expected_sha256)[:16]}...: refusing it unopened")
         try:
             zf = zipfile.ZipFile(io.BytesIO(data))
         except (zipfile.BadZipFile, ValueError, OSError, NotImplementedError) as exc:
@@ -325,7 +344,7 @@ class Bundle:
             extra = sorted(names - {MANIFEST, *_MEMBERS})
             if extra:
                 raise BundleError(f"bundle has unexpected member(s) {extra}")
-            manifest_bytes = _read_member(zf, MANIFEST, None)
+            manifest_bytes = _read_member(zf, MANIFEST, None, limit=MAX_MANIFEST_BYTES)
             try:
                 manifest = json.loads(manifest_bytes)
             except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, 4,300+-digit ints, deep nesting
@@ -337,10 +356,18 @@ class Bundle:
                 config = ModelConfig.from_dict(manifest["config"])
                 layout = tuple(WeightSpec.from_dict(d) for d in manifest["layout"])
                 member_info = manifest["members"]
+                _check_layout(layout, config.param_count)  # before anything the manifest sizes is inflated
+                declared = {name: int(member_info[name]["size"]) for name in _MEMBERS}
+                if sum(declared.values()) > _MAX_INFLATED_BYTES:
+                    raise BundleError(f"manifest says the members inflate to {sum(declared.values())} bytes, over "
+                                      f"the {_MAX_INFLATED_BYTES}-byte limit")
+                if declared[WEIGHTS] != 4 * config.param_count:
+                    raise BundleError(f"manifest says weights.f32 is {declared[WEIGHTS]} bytes, "
+                                      f"expected 4 * {config.param_count}")
                 contents = {}
                 for name in _MEMBERS:
                     info = member_info[name]
-                    blob = _read_member(zf, name, int(info["size"]))
+                    blob = _read_member(zf, name, declared[name])
                     if _sha256(blob) != info["sha256"]:
                         raise BundleError(
                             f"member {name} is corrupt: sha256 {_sha256(blob)} != manifest {info['sha256']}"
@@ -350,7 +377,6 @@ class Bundle:
                 raise
             except (KeyError, TypeError, ValueError, OverflowError, NotImplementedError) as exc:
                 raise BundleError(f"manifest.json is incomplete or malformed: {exc!r}"[:300]) from exc
-        _check_layout(layout, config.param_count)
         if len(contents[WEIGHTS]) != 4 * config.param_count:
             raise BundleError(
                 f"weights.f32 holds {len(contents[WEIGHTS])} bytes, expected 4 * {config.param_count}"
@@ -393,23 +419,50 @@ class Bundle:
         )
 
 
-def _read_member(zf: zipfile.ZipFile, name: str, expected_size: int | None) -> bytes:
+def _read_member(zf: zipfile.ZipFile, name: str, expected_size: int | None,
+                 limit: int = _MAX_MEMBER_BYTES) -> bytes:
+    """A member's bytes, never holding more than min(expected_size, limit) + one chunk.
+
+    zipfile's `read()` inflates a whole member in one call whatever its header claims, so
+    the member is read in `_INFLATE_CHUNK` steps and refused as soon as it outgrows its bound.
+    """
+    bound = limit if expected_size is None else expected_size
+    if not 0 <= bound <= limit:
+        raise BundleError(f"member {name}: the manifest says {bound} bytes, over the {limit}-byte limit")
     info = zf.getinfo(name)
-    if info.file_size > _MAX_MEMBER_BYTES:
-        raise BundleError(f"member {name} claims {info.file_size} bytes, over the {_MAX_MEMBER_BYTES} limit")
+    if info.file_size > bound:
+        what = "the manifest says" if expected_size is not None else "the limit is"
+        raise BundleError(f"member {name} claims {info.file_size} bytes, {what} {bound}")
     if expected_size is not None and info.file_size != expected_size:
         raise BundleError(f"member {name} is {info.file_size} bytes but the manifest says {expected_size}")
+    parts, held = [], 0
     try:
-        return zf.read(name)
+        with zf.open(info) as handle:
+            while chunk := handle.read(_INFLATE_CHUNK):
+                held += len(chunk)
+                if held > bound:  # only a header that lies gets here: zipfile stops at file_size
+                    raise BundleError(f"member {name} inflates past {bound} bytes (a zip bomb?)")
+                parts.append(chunk)
+    except BundleError:
+        raise
     except Exception as exc:  # BadZipFile (CRC), zlib.error, EOFError: a damaged archive
         raise BundleError(f"member {name} cannot be read (damaged archive): {exc}") from exc
+    if held != info.file_size:
+        raise BundleError(f"member {name} inflates to {held} bytes, its zip header says {info.file_size}")
+    return b"".join(parts)
 
 
-def read_bundle(path: str | Path) -> Bundle:
-    """Read and verify a bundle file."""
+def read_bundle(path: str | Path, *, expected_sha256: str | None = None) -> Bundle:
+    """Read and verify a bundle file (at most `MAX_BUNDLE_BYTES`; see `Bundle.from_bytes`)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_BUNDLE_BYTES + 1)
     except OSError as exc:
-        raise BundleError(f"cannot read bundle {path}: {exc}") from exc
-    return Bundle.from_bytes(data)
+        raise BundleError(f"cannot read bundle {path}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise BundleError(f"{path} is larger than {MAX_BUNDLE_BYTES} bytes: not a training bundle")
+    try:
+        return Bundle.from_bytes(data, expected_sha256=expected_sha256)
+    except BundleError as exc:
+        raise BundleError(f"{path}: {exc}") from exc

@@ -30,8 +30,12 @@ def targets():
     return {t.name: t for t in all_targets(intake_dim=20_000)}
 
 
+# Device-side readers with a memory bound; built to be refused, so most (a bomb: all) inputs are.
+MEMORY_TARGETS = {"bundle_bomb", "text_import"}
+
+
 def test_every_parser_is_a_target(targets):
-    assert set(targets) == EXPECTED_TARGETS
+    assert set(targets) == EXPECTED_TARGETS | MEMORY_TARGETS
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_TARGETS))
@@ -45,6 +49,31 @@ def test_no_crash_and_no_hang_in_300_inputs(targets, name):
     # configs and the bundle (a file the device fetches once) have their own typed error, no Reason
     if name not in ("client_config", "aggregator_config", "scenario_config", "bundle"):
         assert set(stats.rejected) <= {r.value for r in Reason}  # every refusal carries a Reason
+
+
+@pytest.mark.parametrize("name", sorted(MEMORY_TARGETS))
+def test_bombs_and_endless_lines_are_refused_within_the_memory_bound(targets, name):
+    stats = fuzz_target(targets[name], INPUTS, seed=12345, deadline_s=2.0)
+    detail = "\n".join(f"{c['kind']}: {c.get('error', c.get('held_mb', ''))}\n{c.get('traceback', c['input'])}"
+                       for c in stats.crashes[:3])
+    assert stats.crash_count == 0 and stats.hangs == 0 and stats.memory_violations == 0, detail
+    assert stats.inputs == INPUTS == stats.accepted + sum(stats.rejected.values())
+    assert 0 < stats.max_traced_mb <= targets[name].memory_bound_mb
+    assert sum(stats.rejected.values()) > INPUTS // 2
+    if name == "text_import":  # well-formed exports still go in
+        assert stats.accepted > 0
+
+
+def test_the_harness_counts_an_input_over_the_memory_bound():
+    def run(size: int) -> None:
+        held = bytearray(size)  # a parser that inflates before it refuses
+        raise EnvelopeError(Reason.TRUNCATED, f"{len(held)}")
+
+    target = Target("greedy", "test", lambda rng: rng.choice((10, 8 * 2**20)), run, memory_bound_mb=4.0)
+    stats = fuzz_target(target, 20, seed=2)
+    big = stats.memory_violations
+    assert 0 < big < 20 and stats.crash_count == big and 8 <= stats.max_traced_mb < 9
+    assert stats.crashes[0]["kind"] == "memory"
 
 
 def test_the_harness_reports_a_crash_with_its_traceback():
