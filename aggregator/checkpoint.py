@@ -19,7 +19,10 @@ the last good checkpoint in place. A lock file stops two aggregators sharing a d
 update message) and one `round_end` line per round (round, version, committed, participants).
 It is written after the checkpoint it describes, so a crash in between leaves it one step
 behind; `reconcile_*` on the next start appends what the checkpoints prove happened, and
-every line is keyed ((round, device) or round), so nothing is ever written twice.
+every line is keyed ((round, device) or round), so nothing is ever written twice. Only a torn
+LAST line (no newline, not a whole record) is an interrupted append and is cut off; any other
+bad line (torn in the middle, not UTF-8, a key missing, a wrong type) is corruption: the file is
+left as it is and the aggregator refuses to start, naming the file and the line.
 
 `FEDBOARD_CHECKPOINT_FAULT_FILE` (tests and `bench/soak_faults.py` only): while the file it
 names exists, every checkpoint write fails with ENOSPC, as on a full disk, for machines where
@@ -32,6 +35,7 @@ import fcntl
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,14 +106,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> int:
     return _atomic_write(Path(path), lambda f: f.write(data))
 
 
+# What to do when a checkpoint file cannot be used, by file name (see README, "Reliability").
+_WHAT_TO_DO = {
+    MODEL_FILE: "restore it from a backup, or move it away and start with --recover-from-broker to continue "
+                "from the signed model the broker retains",
+    ROUND_FILE: "restore it from a backup, or move it away to drop the open round (its accepted updates are "
+                "lost; the ledger keeps their record)",
+}
+
+
+def _what_to_do(path: Path) -> str:
+    return _WHAT_TO_DO.get(Path(path).name, "restore it from a backup or move it away")
+
+
 def load_npz(path: Path) -> dict[str, np.ndarray]:
-    """All arrays of an .npz written by `atomic_savez` (pickles are refused)."""
+    """All arrays of an .npz written by `atomic_savez` (pickles are refused).
+
+    A truncated or bit-flipped file fails here (zip CRC, central directory), never later:
+    every member is read, so its CRC is checked, before anything is used."""
     try:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({exc}); move it away to start afresh "
-                              "from the bundle's weights") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, KeyError,
+            NotImplementedError, RuntimeError) as exc:  # all that zipfile/np.lib.format raise on a damaged file
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); the file is left "
+                              f"as it is: {_what_to_do(path)}") from exc
 
 
 def text_array(items: list[str]) -> np.ndarray:
@@ -229,13 +250,21 @@ class CheckpointStore:
         self._count(atomic_savez(self.model_path, checkpoint.to_arrays()))
 
     def load_model(self) -> ModelCheckpoint | None:
-        return ModelCheckpoint.from_arrays(load_npz(self.model_path)) if self.model_path.exists() else None
+        return _parse(self.model_path, ModelCheckpoint.from_arrays) if self.model_path.exists() else None
 
     def save_round(self, checkpoint: RoundCheckpoint) -> None:
         self._count(atomic_savez(self.round_path, checkpoint.to_arrays()))
 
     def load_round(self) -> RoundCheckpoint | None:
-        return RoundCheckpoint.from_arrays(load_npz(self.round_path)) if self.round_path.exists() else None
+        return _parse(self.round_path, RoundCheckpoint.from_arrays) if self.round_path.exists() else None
+
+    def earlier_run(self) -> list[str]:
+        """What in this directory shows an aggregator ran here before (besides model.npz)."""
+        found = [name for name in (ROUND_FILE, INT8_FILE) if (self.directory / name).exists()]
+        ledger = self.directory / LEDGER_FILE
+        if ledger.exists() and ledger.stat().st_size > 0:
+            found.append(LEDGER_FILE)
+        return found
 
     @property
     def ledger(self) -> "Ledger":
@@ -249,6 +278,18 @@ class CheckpointStore:
     def load_int8(self) -> bytes | None:
         path = self.directory / INT8_FILE
         return path.read_bytes() if path.exists() else None
+
+
+def _parse(path: Path, parse: Any) -> Any:
+    """`parse(load_npz(path))`, with a damaged content (bad JSON, a missing array) named by its file."""
+    data = load_npz(path)
+    try:
+        return parse(data)
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}; {_what_to_do(path)}") from None
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged ({type(exc).__name__}: {exc}); the file is left as "
+                              f"it is: {_what_to_do(path)}") from exc
 
 
 # -- the audit ledger ----------------------------------------------------------------------------
@@ -276,30 +317,85 @@ class LedgerContents:
     torn_lines: int = 0
 
 
+class LedgerCorrupt(CheckpointError):
+    """A ledger line other than a torn last one is unreadable: the file is kept as it is."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Each event's keys and the type check of each: what `Ledger` writes, nothing else is accepted.
+_LEDGER_FIELDS: dict[str, dict[str, Any]] = {
+    "accepted": {"round": _is_int, "device": lambda v: isinstance(v, str) and bool(v),
+                 "sha256": lambda v: isinstance(v, str) and bool(v)},
+    "round_end": {"round": _is_int, "version": _is_int, "committed": lambda v: isinstance(v, bool),
+                  "participants": _is_int},
+}
+
+
+def _ledger_record(raw: bytes) -> dict[str, Any]:
+    """One ledger line as a checked record; ValueError saying what is wrong with it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte {exc.start})") from None
+    try:
+        item = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ValueError("not a whole JSON record (torn or overwritten)") from None
+    if not isinstance(item, dict):
+        raise ValueError(f"a JSON {type(item).__name__}, not a record")
+    fields = _LEDGER_FIELDS.get(item.get("event"))  # type: ignore[arg-type]
+    if fields is None:
+        raise ValueError(f"unknown event {item.get('event')!r} (expected one of {sorted(_LEDGER_FIELDS)})")
+    for key, valid in fields.items():
+        if key not in item:
+            raise ValueError(f"{item['event']} record lacks {key!r}")
+        if not valid(item[key]):
+            raise ValueError(f"{item['event']} record has {key}={item[key]!r} of the wrong type")
+    return item
+
+
+def _split_ledger(path: Path) -> tuple[list[bytes], bytes]:
+    """The newline-terminated lines, and what follows the last newline (b"" when nothing does)."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    return lines[:-1], lines[-1]
+
+
 def read_ledger(path: str | Path) -> LedgerContents:
-    """Parse a ledger; a torn last line (crash mid-append) is counted, not fatal."""
+    """Parse a ledger. Only a torn last line (a crash mid-append: no newline after it, and not a
+    whole record) is counted and skipped; any other bad line raises LedgerCorrupt with file and line."""
     out = LedgerContents()
     path = Path(path)
     if not path.exists():
         return out
+    lines, tail = _split_ledger(path)
     seen_ends: set[int] = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
+    records = [(number, raw) for number, raw in enumerate(lines, 1) if raw.strip()]
+    if tail.strip():
         try:
-            item = json.loads(line)
-            kind = item["event"]
-        except (ValueError, KeyError, TypeError):
+            _ledger_record(tail)
+            records.append((len(lines) + 1, tail))   # a whole record whose newline was not written yet
+        except ValueError:
             out.torn_lines += 1
-            continue
-        if kind == "accepted":
-            key = (int(item["round"]), str(item["device"]))
+    for number, raw in records:
+        try:
+            item = _ledger_record(raw)
+        except ValueError as exc:
+            raise LedgerCorrupt(
+                f"ledger {path}:{number} is corrupt: {exc}. Only a torn last line is an interrupted append; "
+                "this one has lines after it, so an audit record is damaged. The file is left as it is: "
+                f"restore it from a backup, or repair or remove line {number} by hand (the checkpoints are "
+                "intact; the next start re-records what they prove), then restart the aggregator") from None
+        if item["event"] == "accepted":
+            key = (item["round"], item["device"])
             if key in out.accepted:
                 out.repeated.append(key)
-            out.accepted[key] = str(item["sha256"])
-        elif kind == "round_end":
-            end = RoundEnd(int(item["round"]), int(item["version"]), bool(item["committed"]),
-                           int(item["participants"]))
+            out.accepted[key] = item["sha256"]
+        else:
+            end = RoundEnd(item["round"], item["version"], item["committed"], item["participants"])
             if end.round in seen_ends:
                 out.repeated.append((end.round, "round_end"))
             seen_ends.add(end.round)
@@ -315,20 +411,40 @@ class Ledger:
         contents = read_ledger(self.path)
         self._accepted = set(contents.accepted)
         self._ended = {end.round for end in contents.ends}
-        if contents.torn_lines:
-            log.warning("ledger %s: ignoring %d torn line(s) from an interrupted append", self.path,
-                        contents.torn_lines)
-            self._rewrite_without_torn_lines()
+        self._complete_last_line(contents.torn_lines)
 
-    def _rewrite_without_torn_lines(self) -> None:
-        good = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                json.loads(line)
-                good.append(line)
-            except ValueError:
-                continue
-        atomic_write_bytes(self.path, ("\n".join(good) + "\n").encode() if good else b"")
+    @property
+    def last_round(self) -> int:
+        """The highest round id the ledger names (0 if none): a recovered aggregator never reuses one."""
+        return max([r for r, _ in self._accepted] + list(self._ended) + [0])
+
+    @property
+    def last_ended_round(self) -> int:
+        """The highest round with a `round_end` line (0 if none)."""
+        return max(self._ended, default=0)
+
+    def _complete_last_line(self, torn: int) -> None:
+        """Cut a torn last line off (or end a whole last record with its newline), so the next
+        append starts a clean line; the lines before it stay byte for byte."""
+        if not self.path.exists():
+            return
+        lines, tail = _split_ledger(self.path)
+        if not tail:
+            return
+        try:
+            if torn:
+                log.warning("ledger %s: cutting off a torn last line from an interrupted append (%d bytes)",
+                            self.path, len(tail))
+                with open(self.path, "r+b") as f:
+                    f.truncate(sum(len(line) + 1 for line in lines))
+                    os.fsync(f.fileno())
+            else:
+                with open(self.path, "ab") as f:
+                    f.write(b"\n")
+                    os.fsync(f.fileno())
+        except OSError as exc:
+            raise CheckpointError(f"could not repair the last line of the ledger {self.path}: "
+                                  f"{exc.strerror or exc}") from exc
 
     def _append(self, items: list[dict[str, Any]]) -> None:
         if not items:

@@ -91,6 +91,10 @@ def _register_aggregator(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=aggregator_command)
 
 
+    p.add_argument("--recover-from-broker", action="store_true",
+                   help="model.npz is lost: continue from the signed model the broker retains (verified with --key) "
+                        "at its version + 1; the server optimizer's state restarts. A flag, never a config key: "
+                        "without it an aggregator that finds traces of an earlier run refuses to start (exit 3)")
 @dataclass(frozen=True)
 class ServiceConfig:
     """Everything `fedboard aggregator` needs, from the TOML file and the flags."""
@@ -126,6 +130,7 @@ def load_service_config(args: argparse.Namespace) -> ServiceConfig:
             raise ValueError(f"{args.config} is not valid TOML: {str(exc)[:200]}") from None
         unknown = sorted(set(data) - {"aggregator", "broker"})
         if unknown:
+    recover_from_broker: bool = False   # aggregator/recovery.py (a flag only: each use is deliberate)
             raise ValueError(f"{args.config}: unknown table(s) {unknown}; expected [aggregator] and [broker]")
         for name in ("aggregator", "broker"):
             if not isinstance(data.get(name, {}), dict):
@@ -187,7 +192,8 @@ def load_service_config(args: argparse.Namespace) -> ServiceConfig:
                          key=Path(service["key"]) if "key" in service else None, rounds=int(service.get("rounds", 0)),
                          until_round=int(service.get("until_round", 0)),
                          eval_corpus=service.get("eval_corpus"), eval_format=service.get("eval_format"),
-                         client_id=service.get("client_id"), worker=service.get("worker"))
+                         client_id=service.get("client_id"), worker=service.get("worker"),
+                         recover_from_broker=bool(getattr(args, "recover_from_broker", False)))
 
 
 def aggregator_command(args: argparse.Namespace) -> int:
@@ -219,7 +225,8 @@ def _run_aggregator(service: ServiceConfig, bundle: Any) -> int:
         if not service.config.eval_every:
             service = dataclasses.replace(service, config=dataclasses.replace(service.config, eval_every=1))
     agg = Aggregator(service.config, bundle, service.mqtt, load_private_key(service.key),
-                     client_id=service.client_id, eval_hook=eval_hook)
+                     client_id=service.client_id, eval_hook=eval_hook,
+                     recover_from_broker=service.recover_from_broker)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -154,6 +154,8 @@ class DeviceClient:
         self._secure: SecureUpdate | None = None  # the secure-aggregation round in progress
         self._stopped = threading.Event()
         self.ready = threading.Event()  # set once connected and subscribed
+        self._acked_round = -1                 # the latest round whose update got an Ack (accepted or not)
+        self._warned_stale_base = False        # the plan-older-than-trusted-model WARNING was logged
         self._accepted_at = 0.0                # monotonic time of the last accepted connection
         self._short_sessions = 0               # accepted connections in a row the broker soon closed
         self._dim = int(pool.bundle.initial_weights.size)
@@ -283,8 +285,28 @@ class DeviceClient:
 
     def _maybe_check_in(self, plan: RoundPlan) -> None:
         if plan.model_id != self.pool.bundle.model_id:
+            if self._stale_base(plan):
+                return
             self._event("model_mismatch", round=plan.round_id, model_id=plan.model_id)
             log.warning("%s: round %d is for model %s, this device has %s", self.config.device_id,
+    def _stale_base(self, plan: RoundPlan) -> bool:
+        """A plan built on a model older than the one this device trusts: it could never load that
+        model, so it sits the round out, and says why ONCE (until a usable plan comes), not per plan:
+        the usual cause is an aggregator that lost its checkpoint and started again (lock held)."""
+        oldest = self.trust.oldest_acceptable
+        if oldest is None or plan.base_version >= oldest:
+            self._warned_stale_base = False
+            return False
+        self._event("stale_plan", round=plan.round_id, base_version=plan.base_version, trusted=oldest)
+        if not self._warned_stale_base:
+            self._warned_stale_base = True
+            log.warning("%s: ignoring round %d and every later plan built on a model older than v%d: it builds on "
+                        "v%d, and this device never goes back to an older model than it trusts (did the aggregator "
+                        "lose its checkpoint? Its operator restores it or runs `fedboard aggregator "
+                        "--recover-from-broker`; see the README, Reliability)", self.config.device_id,
+                        plan.round_id, oldest, plan.base_version)
+        return True
+
                         plan.round_id, plan.model_id, self.pool.bundle.model_id)
             return
         if self.eligibility is not None:

@@ -359,6 +359,14 @@ class ModelTrust:
     def last_version(self) -> int | None:
         return self._last_version
 
+    @property
+    def oldest_acceptable(self) -> int | None:
+        """The oldest version `accept` can still admit (None: any). A round planned on an older
+        one is of no use to this device: it could never load that round's model."""
+        with self._lock:
+            last = self._last_version
+            return None if last is None else last if self._last_sha is not None else last + 1
+
     def accept(self, signed: SignedManifest, weights_payload: bytes) -> ModelManifest:
         """The verified manifest, after which `last_version` is its version; TrustError if refused.
 
