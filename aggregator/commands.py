@@ -38,7 +38,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protocol.cli_entry import HelpFormatter
+
 log = logging.getLogger(__name__)
+
+AGGREGATOR_EXAMPLES = """examples:
+  fedboard aggregator --config aggregator.toml
+  fedboard aggregator --broker 127.0.0.1:1883 --bundle model.fbz --key keys/aggregator.key --rounds 10
+"""
+BROKER_CONFIG_EXAMPLES = """examples:
+  fedboard broker-config --out broker --devices 2 --fleet home
+  fedboard broker-config --out broker --devices 50 --tls-ca ca.crt --tls-cert server.crt --tls-key server.key
+"""
+EXPORT_BUNDLE_EXAMPLES = """examples:
+  fedboard export-bundle --corpus builtin --out model.fbz
+  fedboard export-bundle --vocab words.txt --out model.fbz --embed-dim 96 --units 256
+"""
 
 SERVICE_KEYS = ("bundle", "key", "rounds", "until_round", "eval_corpus", "eval_format", "client_id", "worker")
 PATH_KEYS = ("bundle", "key", "checkpoint_dir", "metrics_jsonl", "eval_corpus")
@@ -60,7 +75,8 @@ def _register_aggregator(subparsers: argparse._SubParsersAction) -> None:
         "aggregator", help="run the aggregator (rounds, intake, publishing) against a broker",
         description="Run federated rounds against an MQTT broker until SIGTERM (or --rounds N). With "
                     "--checkpoint-dir, a restart (also after kill -9) continues the interrupted round. "
-                    "--worker ID runs a scale-out intake worker instead (see aggregator/SCALE_OUT.md).")
+                    "--worker ID runs a scale-out intake worker instead (see aggregator/SCALE_OUT.md).",
+        formatter_class=HelpFormatter, epilog=AGGREGATOR_EXAMPLES)
     p.add_argument("--config", type=Path, help="aggregator.toml (flags override it)")
     p.add_argument("--bundle", type=Path, help="training bundle file (.fbz) from `fedboard export-bundle`")
     p.add_argument("--key", type=Path, help="the aggregator's Ed25519 private key from `fedboard keygen`")
@@ -73,17 +89,18 @@ def _register_aggregator(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--worker", metavar="ID", help="run as scale-out intake worker ID of the coordinator")
     broker = p.add_argument_group("broker")
     broker.add_argument("--broker", metavar="HOST:PORT", help="the MQTT broker (default 127.0.0.1:1883)")
-    broker.add_argument("--username")
+    broker.add_argument("--username", help="broker user name (default: none, or [broker] username)")
     broker.add_argument("--password-file", type=Path, help="file holding the broker password")
     broker.add_argument("--tls-ca", help="CA certificate: enables TLS")
-    broker.add_argument("--tls-cert")
-    broker.add_argument("--tls-key")
-    broker.add_argument("--mqtt-version", type=int, choices=(3, 5))
+    broker.add_argument("--tls-cert", help="client certificate, for brokers that require one")
+    broker.add_argument("--tls-key", help="the client certificate's private key")
+    broker.add_argument("--mqtt-version", type=int, choices=(3, 5), help="MQTT protocol version (default: 5)")
     rounds = p.add_argument_group("rounds, aggregation, publishing (AggregatorConfig)")
     for f in dataclasses.fields(AggregatorConfig):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
-            rounds.add_argument(flag, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction, default=None)
+            rounds.add_argument(flag, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction, default=None,
+                                help=f"default {f.default!r}")
         else:
             kind = type(f.default) if f.default is not None else str
             rounds.add_argument(flag, dest=f"cfg_{f.name}", type=kind, default=None, metavar=f.name.upper(),
@@ -109,6 +126,7 @@ class ServiceConfig:
     eval_format: str | None = None
     client_id: str | None = None
     worker: str | None = None
+    recover_from_broker: bool = False   # aggregator/recovery.py (a flag only: each use is deliberate)
 
 
 def load_service_config(args: argparse.Namespace) -> ServiceConfig:
@@ -130,7 +148,6 @@ def load_service_config(args: argparse.Namespace) -> ServiceConfig:
             raise ValueError(f"{args.config} is not valid TOML: {str(exc)[:200]}") from None
         unknown = sorted(set(data) - {"aggregator", "broker"})
         if unknown:
-    recover_from_broker: bool = False   # aggregator/recovery.py (a flag only: each use is deliberate)
             raise ValueError(f"{args.config}: unknown table(s) {unknown}; expected [aggregator] and [broker]")
         for name in ("aggregator", "broker"):
             if not isinstance(data.get(name, {}), dict):
@@ -284,14 +301,15 @@ def _register_broker_config(subparsers: argparse._SubParsersAction) -> None:
         "broker-config", help="write a Mosquitto config, password file and ACL for a fleet",
         description="Writes DIR/mosquitto.conf, DIR/passwd ($7$ hashes), DIR/acl and "
                     "DIR/credentials/<user>.password. Each device (username = device id) may write only its "
-                    "own checkin/update/status topics; the aggregator user may use all of its fleet.")
+                    "own checkin/update/status topics; the aggregator user may use all of its fleet.",
+        formatter_class=HelpFormatter, epilog=BROKER_CONFIG_EXAMPLES)
     p.add_argument("--out", type=Path, required=True, help="directory for the files")
     p.add_argument("--devices", type=int, required=True, help="number of devices (ids PREFIX-0001 ...)")
-    p.add_argument("--fleet", default="demo")
-    p.add_argument("--device-prefix", default="device")
-    p.add_argument("--aggregator-user", default="aggregator")
+    p.add_argument("--fleet", default="demo", help="fleet name: the topic prefix fedboard/FLEET/...")
+    p.add_argument("--device-prefix", default="device", help="device ids are PREFIX-0001, PREFIX-0002, ...")
+    p.add_argument("--aggregator-user", default="aggregator", help="the aggregator's broker user name")
     p.add_argument("--port", type=int, default=0, help="listener port (default 8883 with TLS, 1883 without)")
-    p.add_argument("--bind", default="0.0.0.0")
+    p.add_argument("--bind", default="0.0.0.0", help="listener address")
     p.add_argument("--tls-ca", help="CA certificate that signed the server certificate")
     p.add_argument("--tls-cert", help="the broker's certificate")
     p.add_argument("--tls-key", help="the broker's private key")
@@ -325,18 +343,19 @@ def _register_export_bundle(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export-bundle", help="build the TFLite training bundle (model + vocabulary) for an aggregator",
         description="Builds the vocabulary from a corpus (or reads --vocab) and exports the training bundle "
-                    "(TensorFlow needed, on the server only). The aggregator publishes it to the devices.")
+                    "(TensorFlow needed, on the server only). The aggregator publishes it to the devices.",
+        formatter_class=HelpFormatter, epilog=EXPORT_BUNDLE_EXAMPLES)
     p.add_argument("--out", type=Path, required=True, help="bundle file to write (.fbz)")
     p.add_argument("--corpus", help="corpus to build the vocabulary (and the output prior) from; "
                                     "`builtin` for the built-in synthetic keyboard corpus")
     p.add_argument("--format", help="corpus format: speakers, tsv, jsonl, dir or builtin (default: guessed)")
     p.add_argument("--vocab", type=Path, help="a vocabulary instead: fedboard-vocab JSON, or one word per line")
-    p.add_argument("--vocab-size", type=int, default=5000)
-    p.add_argument("--seq-len", type=int, default=20)
-    p.add_argument("--embed-dim", type=int, default=96)
-    p.add_argument("--units", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, default=5000, help="most frequent words kept (with --corpus)")
+    p.add_argument("--seq-len", type=int, default=20, help="words of context per training window")
+    p.add_argument("--embed-dim", type=int, default=96, help="word embedding size of the CIFG-LSTM")
+    p.add_argument("--units", type=int, default=256, help="LSTM units")
     p.add_argument("--batch-size", type=int, default=16, help="static batch of the train signature")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights (and of the corpus split)")
     p.set_defaults(handler=export_bundle_command)
 
 

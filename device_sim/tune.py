@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from device_sim.tune_report import write_all
+from protocol.cli_entry import RunInterrupted
 from protocol.codec import parse_codec
 from protocol.errors import CodecError, Reason
 
@@ -313,6 +314,8 @@ class TuneResult:
     files: dict[str, str] = field(default_factory=dict)
     ran: int = 0          # points simulated in this call
     reused: int = 0       # points read back from an earlier (interrupted) call
+    stopped_by: str | None = None   # "SIGINT": Ctrl-C ended the sweep early; rows hold the points done
+    points_requested: int = 0
 
 
 def sweep_settings(base) -> dict[str, Any]:
@@ -339,6 +342,9 @@ def existing_report(run_dir: Path, cfg) -> dict[str, Any] | None:
     if not path.exists():
         return None
     report = json.loads(path.read_text(encoding="utf-8"))
+    if report.get("partial"):  # that run was interrupted: run the point again
+        log.info("tune: %s holds a partial run (%s): running the point again", path, report.get("stopped_by"))
+        return None
     old = report.get("config", {})
     new = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in EXECUTION_ONLY}))  # as stored
     differ = sorted(k for k in new if k in old and old[k] != new[k])
@@ -371,25 +377,36 @@ def run_tune(base, points: Sequence[TunePoint], out: str | Path, *, baseline: st
     ran = 0
     bar = _progress(len(points), progress)
     rows = []
-    for point, cfg in configs:
-        bar.set_postfix_str(f"{point.spec} c{point.clients_per_round} e{point.local_epochs}")
-        report = reports[point]
-        if report is None:
-            started = time.monotonic()
-            report = simulate(cfg)
-            ran += 1
-            log.info("tune: %s (c%d e%d): top-3 %.4f, %.0f B/update, %.0f s", point.spec, point.clients_per_round,
-                     point.local_epochs, report["top3"], report["uplink_bytes_per_update"],
-                     time.monotonic() - started)
-        else:
-            log.info("tune: %s (c%d e%d): reusing %s", point.spec, point.clients_per_round, point.local_epochs,
-                     Path(cfg.out) / "report.json")
-        rows.append(row_from_report(point, report, run_dir=str(Path("runs") / point.slug)))
-        bar.update(1)
-    bar.close()
+    stopped_by = None
+    try:
+        for point, cfg in configs:
+            bar.set_postfix_str(f"{point.spec} c{point.clients_per_round} e{point.local_epochs}")
+            report = reports[point]
+            if report is None:
+                started = time.monotonic()
+                report = simulate(cfg)
+                ran += 1
+                log.info("tune: %s (c%d e%d): top-3 %.4f, %.0f B/update, %.0f s", point.spec,
+                         point.clients_per_round, point.local_epochs, report["top3"],
+                         report["uplink_bytes_per_update"], time.monotonic() - started)
+            else:
+                log.info("tune: %s (c%d e%d): reusing %s", point.spec, point.clients_per_round, point.local_epochs,
+                         Path(cfg.out) / "report.json")
+            rows.append(row_from_report(point, report, run_dir=str(Path("runs") / point.slug)))
+            bar.update(1)
+    except KeyboardInterrupt:  # Ctrl-C: the points done are written (marked partial); a rerun resumes
+        stopped_by = "SIGINT"
+    finally:
+        bar.close()
+    if stopped_by and not rows:
+        raise RunInterrupted(f"no point had finished: nothing written to {out}; the same command starts the sweep")
     result = summarize(rows, baseline=base_spec, tolerance=tolerance, settings=sweep_settings(base))
-    result.ran, result.reused = ran, len(points) - ran
+    result.ran, result.reused = ran, len(rows) - ran
+    result.stopped_by, result.points_requested = stopped_by, len(points)
     result.files = write_all(result, out)
+    if stopped_by:
+        raise RunInterrupted(f"kept the partial sweep of {len(rows)} of {len(points)} points: {out / 'tune.json'} "
+                             "(and tune.csv, tune.md, pareto.png); the same command resumes it")
     return result
 
 

@@ -107,7 +107,10 @@ def write_json(result: "TuneResult", path: Path) -> Path:
         "frontier": [{"spec": r.spec, "clients_per_round": r.clients_per_round, "local_epochs": r.local_epochs}
                      for r in result.frontier],
         "recommendation": asdict(result.recommendation) if result.recommendation else None,
+        "partial": result.stopped_by is not None,
     }
+    if result.stopped_by:  # Ctrl-C: only the points done are in rows
+        doc.update(stopped_by=result.stopped_by, points_done=len(result.rows), points_requested=result.points_requested)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     return path

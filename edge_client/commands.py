@@ -11,7 +11,26 @@ import argparse
 import sys
 from pathlib import Path
 
+from protocol.cli_entry import HelpFormatter
+
 IMPORT_FORMATS = ("lines", "tsv", "jsonl")
+
+CLIENT_EXAMPLES = """examples:
+  fedboard client --config /etc/fedboard/client.toml
+  fedboard client add-text --config client.toml "see you at the station"
+"""
+ADD_TEXT_EXAMPLES = """examples:
+  fedboard client add-text --config client.toml "i am going to the park" "see you"
+  fedboard client add-text --config client.toml --file chat.jsonl --format jsonl
+"""
+KEYGEN_EXAMPLES = """examples:
+  fedboard keygen --out keys
+  fedboard keygen --out keys --force     # replace the pair: every device needs the new .pub
+"""
+PREDICT_EXAMPLES = """examples:
+  fedboard predict "i am going to" --config client.toml
+  fedboard predict "see you" --bundle model.fbz -k 5
+"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,11 +38,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     client = subparsers.add_parser(
         "client", help="run the device client (a Raspberry Pi or any Linux box) against a real broker",
         description="Run the federated keyboard client until SIGTERM/SIGINT. `client add-text` appends "
-                    "typed text to the device's private text store.")
+                    "typed text to the device's private text store.",
+        formatter_class=HelpFormatter, epilog=CLIENT_EXAMPLES)
     client.add_argument("--config", type=Path, help="client.toml (see edge_client/deploy/client.example.toml)")
     client.set_defaults(handler=run_client)
     actions = client.add_subparsers(dest="client_command", metavar="ACTION")
-    add = actions.add_parser("add-text", help="append text to the device's text store (never sent anywhere)")
+    add = actions.add_parser("add-text", help="append text to the device's text store (never sent anywhere)",
+                             description="Append typed text to the device's private text store (never sent "
+                                         "anywhere; the client trains on it).",
+                             formatter_class=HelpFormatter, epilog=ADD_TEXT_EXAMPLES)
     add.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="client.toml")
     add.add_argument("text", nargs="*", help="texts to add, one entry each")
     add.add_argument("--file", type=Path, help="import a file instead (see --format)")
@@ -35,23 +58,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     keygen = subparsers.add_parser(
         "keygen", help="create the aggregator's Ed25519 signing key pair (on the server)",
         description="Writes NAME.key (private, mode 0600: keep it on the aggregator) and NAME.pub "
-                    "(copy it to every device as [trust] aggregator_public_key).")
+                    "(copy it to every device as [trust] aggregator_public_key).",
+        formatter_class=HelpFormatter, epilog=KEYGEN_EXAMPLES)
     keygen.add_argument("--out", type=Path, required=True, help="directory for the key files")
-    keygen.add_argument("--name", default="aggregator", help="file name stem (default: aggregator)")
+    keygen.add_argument("--name", default="aggregator", help="file name stem")
     keygen.add_argument("--force", action="store_true", help="replace an existing key pair (devices need the new .pub)")
     keygen.set_defaults(handler=keygen_command)
 
     predict = subparsers.add_parser(
         "predict", help="show the next-word suggestions of the device's model for a text",
         description="Top-k next words for TEXT, from the device's latest global model (--config) "
-                    "or from a bundle file (--bundle, optionally with --weights).")
+                    "or from a bundle file (--bundle, optionally with --weights).",
+        formatter_class=HelpFormatter, epilog=PREDICT_EXAMPLES)
     predict.add_argument("text", help="the text typed so far, e.g. 'i am going to'")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", type=Path, help="client.toml: use the device's cached bundle and model")
     source.add_argument("--bundle", type=Path, help="a training bundle file (.fbz)")
     predict.add_argument("--weights", type=Path, help="with --bundle: float32 weights (.npy, or raw little-endian)")
     predict.add_argument("--int8", type=Path, help="an int8 inference model (.tflite) to run instead")
-    predict.add_argument("-k", type=int, default=3, help="number of suggestions (default 3)")
+    predict.add_argument("-k", type=int, default=3, help="number of suggestions")
     predict.set_defaults(handler=predict_command)
 
 
@@ -93,8 +118,9 @@ def keygen_command(args: argparse.Namespace) -> int:
 
     try:
         private, public = write_keypair(args.out, args.name, overwrite=args.force)
-    except FileExistsError as exc:
-        raise ValueError(f"{exc} (--force)") from None
+    except FileExistsError:
+        raise ValueError(f"a key pair {args.name}.key/{args.name}.pub already exists in {args.out}; pass --force "
+                         "to replace it (every device must then be given the new .pub)") from None
     print(f"private key: {private}  (keep it on the aggregator only)")
     print(f"public key:  {public}  (copy it to every device)")
     print(f"fingerprint: {key_fingerprint(load_public_key(public))}")

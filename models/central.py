@@ -36,6 +36,7 @@ class CentralResult:
     final_weights: np.ndarray
     wall_s: float
     best_epoch: int = field(default=0)
+    stopped_by: str | None = None      # "SIGINT": Ctrl-C ended training early; per_epoch holds the epochs done
 
 
 class _Adam:
@@ -93,7 +94,8 @@ def train_central(
     """Train on pooled windows with Adam; evaluate on the test windows after every epoch.
 
     Starts from `initial_weights(config, seed, output_prior=...)`, the same start as the
-    bundle a federated run exports; shuffles with numpy's generator seeded by `seed`.
+    bundle a federated run exports; shuffles with numpy's generator seeded by `seed`. Ctrl-C
+    ends training early: the result holds the epochs done and `stopped_by`.
     """
     if len(train_x) != len(train_y) or len(test_x) != len(test_y):
         raise ValueError("x and y must have the same number of windows")
@@ -108,26 +110,33 @@ def train_central(
     per_epoch: list[dict] = []
     best_top3, best_epoch = -1.0, 0
     bar = tqdm(range(1, epochs + 1), desc="central", unit="epoch", disable=not progress)
-    for epoch in bar:
-        order = rng.permutation(len(train_x))
-        losses = []
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            losses.append(float(adam.step(tf.constant(train_x[idx]), tf.constant(train_y[idx]))))
-        result = evaluate_module(module, test_x, test_y)
-        row = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
-            "top1": result.top1,
-            "top3": result.top3,
-            "scored": result.scored,
-            "wall_s": time.perf_counter() - start_time,
-        }
-        per_epoch.append(row)
-        if result.top3 > best_top3:
-            best_top3, best_epoch = result.top3, epoch
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", top1=f"{result.top1:.4f}", top3=f"{result.top3:.4f}")
-        logger.info("central epoch %d: loss %.4f top1 %.4f top3 %.4f", epoch, row["train_loss"], result.top1, result.top3)
+    stopped_by = None
+    try:
+        for epoch in bar:
+            order = rng.permutation(len(train_x))
+            losses = []
+            for s in range(0, len(order), batch_size):
+                idx = order[s : s + batch_size]
+                losses.append(float(adam.step(tf.constant(train_x[idx]), tf.constant(train_y[idx]))))
+            result = evaluate_module(module, test_x, test_y)
+            row = {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)),
+                "top1": result.top1,
+                "top3": result.top3,
+                "scored": result.scored,
+                "wall_s": time.perf_counter() - start_time,
+            }
+            per_epoch.append(row)
+            if result.top3 > best_top3:
+                best_top3, best_epoch = result.top3, epoch
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", top1=f"{result.top1:.4f}", top3=f"{result.top3:.4f}")
+            logger.info("central epoch %d: loss %.4f top1 %.4f top3 %.4f", epoch, row["train_loss"], result.top1, result.top3)
+    except KeyboardInterrupt:  # Ctrl-C: stop after the epochs done; the caller keeps them (marked partial)
+        stopped_by = "SIGINT"
+        logger.warning("central training interrupted after %d of %d epochs", len(per_epoch), epochs)
+    finally:
+        bar.close()
     final = module.get_weights()["weights"].numpy()
     return CentralResult(
         per_epoch=per_epoch,
@@ -135,4 +144,5 @@ def train_central(
         final_weights=final,
         wall_s=time.perf_counter() - start_time,
         best_epoch=best_epoch,
+        stopped_by=stopped_by,
     )

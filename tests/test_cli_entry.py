@@ -36,3 +36,19 @@ def test_a_bug_is_not_hidden() -> None:
 def test_unknown_log_level_is_refused() -> None:
     with pytest.raises(SystemExit):
         run_commands(_register, ["--log-level", "LOUD", "ok"])
+
+
+def _register_interrupts(sub: argparse._SubParsersAction) -> None:
+    from protocol.cli_entry import RunInterrupted
+
+    plain = sub.add_parser("plain")
+    plain.set_defaults(handler=lambda args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    kept = sub.add_parser("kept")
+    kept.set_defaults(handler=lambda args: (_ for _ in ()).throw(RunInterrupted("kept 3 of 9 rounds: out/r.json")))
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_commands(_register_interrupts, ["plain"]) == 130
+    assert capsys.readouterr().err == "fedboard plain: interrupted\n"
+    assert run_commands(_register_interrupts, ["kept"]) == 130
+    assert capsys.readouterr().err == "fedboard kept: interrupted; kept 3 of 9 rounds: out/r.json\n"
