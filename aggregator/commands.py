@@ -221,12 +221,16 @@ def aggregator_command(args: argparse.Namespace) -> int:
     if service.worker:
         return _run_worker(service, bundle)
     from aggregator.checkpoint import CheckpointError
+    from aggregator.fleet_lease import FLEET_TAKEN_EXIT, FleetTaken
 
     try:
         return _run_aggregator(service, bundle)
     except CheckpointError as exc:
         print(f"fedboard aggregator: checkpoint error: {exc}", file=sys.stderr)
         return 3
+    except FleetTaken as exc:  # another aggregator serves the fleet: stop, never fight over its session
+        print(f"fedboard aggregator: STOPPED: {exc}", file=sys.stderr)
+        return FLEET_TAKEN_EXIT
 
 
 def _run_aggregator(service: ServiceConfig, bundle: Any) -> int:
@@ -308,6 +312,8 @@ def _register_broker_config(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fleet", default="demo", help="fleet name: the topic prefix fedboard/FLEET/...")
     p.add_argument("--device-prefix", default="device", help="device ids are PREFIX-0001, PREFIX-0002, ...")
     p.add_argument("--aggregator-user", default="aggregator", help="the aggregator's broker user name")
+    p.add_argument("--workers", type=int, default=0, help="scale-out workers: a broker user each "
+                   "(AGGREGATOR-worker-N) and a secret share group in credentials/share-group")
     p.add_argument("--port", type=int, default=0, help="listener port (default 8883 with TLS, 1883 without)")
     p.add_argument("--bind", default="0.0.0.0", help="listener address")
     p.add_argument("--tls-ca", help="CA certificate that signed the server certificate")
@@ -325,7 +331,7 @@ def broker_config_command(args: argparse.Namespace) -> int:
     setup = BrokerSetup(fleet=args.fleet, devices=device_ids(args.devices, args.device_prefix),
                         aggregator_user=args.aggregator_user, port=args.port, bind=args.bind, tls_ca=args.tls_ca,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, require_client_cert=args.require_client_cert,
-                        run_as_user=args.user)
+                        run_as_user=args.user, workers=args.workers)
     try:
         files = write_broker_config(args.out, setup, overwrite=args.force)
     except FileExistsError as exc:
@@ -334,6 +340,9 @@ def broker_config_command(args: argparse.Namespace) -> int:
     print(f"password file:    {files.passwd}  ({len(setup.devices)} devices + {setup.aggregator_user})")
     print(f"ACL file:         {files.acl}")
     print(f"passwords:        {args.out / 'credentials'}/<user>.password  (give each device its own)")
+    if setup.workers:
+        print(f"share group:      {files.credentials['share-group']}  (pass it to every worker as --share-group; "
+              "never to a device)")
     print(f"start it with:    mosquitto -c {files.conf}")
     return 0
 

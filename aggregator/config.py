@@ -142,6 +142,7 @@ class AggregatorConfig:
     checkpoint_dir: str | None = None    # None = no checkpoints (the simulator)
     checkpoint_batch: int = 16           # most updates acknowledged per checkpoint write
     session_expiry_s: int = 86400        # broker keeps our session (and unacked updates) this long
+    lease_interval_s: float = 5.0        # fleet lease heartbeat (aggregator/fleet_lease.py; 0 = no lease)
     # -- evaluation and metrics ------------------------------------------------------------------
     eval_every: int = 0                  # run the held-out evaluation hook every N rounds (0 = never)
     metrics_port: int = 0                # Prometheus endpoint (0 = off)
@@ -163,6 +164,8 @@ class AggregatorConfig:
             raise ValueError("min_reports must be in 0..clients_per_round (0 = all of the goal)")
         if not (math.isfinite(self.over_selection) and 1.0 <= self.over_selection <= 10.0):
             raise ValueError(f"over_selection must be in [1, 10] (1.3 = select 30 % more), got {self.over_selection}")
+        if not (math.isfinite(self.lease_interval_s) and self.lease_interval_s >= 0):
+            raise ValueError(f"lease_interval_s must be >= 0 (0 = no fleet lease), got {self.lease_interval_s}")
         for name in ("checkin_window_s", "report_deadline_s", "worker_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

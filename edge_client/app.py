@@ -63,7 +63,7 @@ TRUST_FILE = "trust.json"
 MODEL_FILE = "model.fbm"
 TRUST_FORMAT = "fedboard-trust/1"
 EXIT_RESTART = 75  # EX_TEMPFAIL: "run me again"; systemd's Restart=on-failure does
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 class BootstrapError(ConnectionError):

@@ -48,6 +48,8 @@ SHORT_SESSION_S = 30.0     # an accepted session the broker closes sooner is sus
 # A pace-steering retry_after shorter than this is not worth an unsubscribe and a subscribe:
 # the device keeps hearing plans (and checks in once the retry has run out).
 QUIET_MIN_S = 1.0
+# An update the broker confirmed but nobody acknowledged is sent again at most this many times.
+MAX_RESENDS = 3
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class DeviceConfig:
     max_payload: int = DEFAULT_MAX_PAYLOAD
     platform_name: str = "linux"
     local_dp: LocalDPConfig | None = None  # the owner's local DP (client.toml [privacy]); None = off
+    ack_timeout_s: float = 30.0       # no Ack this long after an update: send it again (while its round is open)
 
 
 @dataclass
@@ -80,6 +83,7 @@ class DeviceStats:
     train_s: float = 0.0
     connects: int = 0
     last_rejection: str = ""
+    resends: int = 0            # updates sent again because no Ack came (the aggregator counts them once)
 
 
 Eligibility = Callable[[bool], tuple[bool, tuple[str, ...]]]
@@ -150,12 +154,12 @@ class DeviceClient:
         self._quiet = False                    # steered away: not subscribed to round plans
         self._plan_sub_mid: int | None = None  # the wake-up subscription not yet acknowledged
         self._model_version = -1
+        self._acked_round = -1                 # the latest round whose update got an Ack (accepted or not)
+        self._warned_stale_base = False        # the plan-older-than-trusted-model WARNING was logged
         self._weights: np.ndarray | None = None
         self._secure: SecureUpdate | None = None  # the secure-aggregation round in progress
         self._stopped = threading.Event()
         self.ready = threading.Event()  # set once connected and subscribed
-        self._acked_round = -1                 # the latest round whose update got an Ack (accepted or not)
-        self._warned_stale_base = False        # the plan-older-than-trusted-model WARNING was logged
         self._accepted_at = 0.0                # monotonic time of the last accepted connection
         self._short_sessions = 0               # accepted connections in a row the broker soon closed
         self._dim = int(pool.bundle.initial_weights.size)
@@ -281,14 +285,10 @@ class DeviceClient:
             self._plan, self._plan_at = plan, time.monotonic()
             if plan.round_id < self._back_for_round:
                 return  # pace steering expects this device for a later round
-        self._maybe_check_in(plan)
-
-    def _maybe_check_in(self, plan: RoundPlan) -> None:
-        if plan.model_id != self.pool.bundle.model_id:
             if self._stale_base(plan):
                 return
-            self._event("model_mismatch", round=plan.round_id, model_id=plan.model_id)
-            log.warning("%s: round %d is for model %s, this device has %s", self.config.device_id,
+        self._maybe_check_in(plan)
+
     def _stale_base(self, plan: RoundPlan) -> bool:
         """A plan built on a model older than the one this device trusts: it could never load that
         model, so it sits the round out, and says why ONCE (until a usable plan comes), not per plan:
@@ -307,6 +307,10 @@ class DeviceClient:
                         plan.round_id, oldest, plan.base_version)
         return True
 
+    def _maybe_check_in(self, plan: RoundPlan) -> None:
+        if plan.model_id != self.pool.bundle.model_id:
+            self._event("model_mismatch", round=plan.round_id, model_id=plan.model_id)
+            log.warning("%s: round %d is for model %s, this device has %s", self.config.device_id,
                         plan.round_id, plan.model_id, self.pool.bundle.model_id)
             return
         if self.eligibility is not None:
@@ -644,12 +648,31 @@ class DeviceClient:
     def _send_update(self, topic: str, data: bytes, plan: RoundPlan) -> None:
         """Publish with QoS 1; with an outbox the update is on disk first and leaves it on PUBACK."""
         self.stats.uplink_bytes += len(data)
+        call_later(self.config.ack_timeout_s, self._resend_unacked, topic, data, plan, 1)
         if self.outbox is None:
             self._client.publish(topic, data, qos=1)
             return
         remaining = max(0.0, plan.report_deadline_s - (time.monotonic() - self._plan_at))
         item = self.outbox.put(topic, plan.round_id, time.time() + remaining, data)
         self._publish_and_confirm(item, topic, data, timeout_s=min(remaining, 60.0))
+
+    def _resend_unacked(self, topic: str, data: bytes, plan: RoundPlan, attempt: int) -> None:
+        """The broker confirmed the update (PUBACK) but no Ack came: something between the broker and
+        the aggregator dropped it (e.g. a client that joined the workers' shared subscription took its
+        turn). Send it again while its round is open; the aggregator counts it once (timer thread)."""
+        with self._lock:
+            if self._stopped.is_set() or self._acked_round >= plan.round_id or self._deadline_passed(plan):
+                return
+        log.warning("%s: no acknowledgement for the update of round %d after %.0f s: sending it again (%d of %d)",
+                    self.config.device_id, plan.round_id, self.config.ack_timeout_s, attempt, MAX_RESENDS)
+        self.stats.resends += 1
+        self.stats.uplink_bytes += len(data)
+        try:
+            self._client.publish(topic, data, qos=1)
+        except Exception:  # a timer thread: never raise there (nobody would see it)
+            log.exception("%s: re-sending the update of round %d failed", self.config.device_id, plan.round_id)
+        if attempt < MAX_RESENDS:
+            call_later(self.config.ack_timeout_s, self._resend_unacked, topic, data, plan, attempt + 1)
 
     def _publish_and_confirm(self, item: str, topic: str, data: bytes, timeout_s: float) -> None:
         info = self._client.publish(topic, data, qos=1)
@@ -756,6 +779,8 @@ class DeviceClient:
 
     def _handle_ack(self, env: Envelope) -> None:
         ack = Ack.from_envelope(env)
+        with self._lock:
+            self._acked_round = max(self._acked_round, ack.round_id)
         if ack.accepted:
             self.stats.updates_accepted += 1
         else:

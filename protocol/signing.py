@@ -39,8 +39,8 @@ _HEADER = len(SIGNED_MAGIC) + 1
 # Signatures cover this prefix + the canonical JSON, so a signature made by the same key for
 # anything else (another message kind, a future format) can never pass as a manifest's.
 _DOMAIN = b"fedboard.model-manifest.v1\n"
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")  # same rule as topic ids
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")  # same rule as topic ids
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 _MAX_EXTRA_DEPTH = 8
 
 

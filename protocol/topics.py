@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from protocol.errors import EnvelopeError, Reason
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")  # \Z: `$` would accept a trailing newline
 
 
 def check_id(kind: str, value: str) -> str:
