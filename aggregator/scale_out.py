@@ -42,6 +42,10 @@ from protocol.transport import MqttSettings, configure_client
 log = logging.getLogger(__name__)
 
 
+# The default share group: anyone can name it, so deployments pass broker-config's secret one.
+WELL_KNOWN_GROUP = "fedboard-agg"
+
+
 def agg_root(topics: FleetTopics) -> str:
     return f"{topics.root}/agg"
 
@@ -199,6 +203,11 @@ class IntakeWorker:
         self.topics = FleetTopics(fleet)
         self.root = agg_root(self.topics)
         self.group = group
+        if group == WELL_KNOWN_GROUP:
+            log.warning("worker %s: share group %r is the well-known default: a device that subscribes to "
+                        "$share/%s/... takes its turn at updates it may not read (the broker drops them; devices "
+                        "re-send). Pass the secret of `fedboard broker-config --workers N` (credentials/share-group) "
+                        "as --share-group", worker_id, group, group)
         self.max_payload = max_payload
         self.claim_timeout_s = claim_timeout_s
         self._mqtt = mqtt_settings

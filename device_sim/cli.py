@@ -221,7 +221,12 @@ def _simulate(args: argparse.Namespace) -> int:
         common.setdefault("rounds", 30)
         cfg = SimConfig(**common, **{**_SIM_DEFAULTS, **given})
     log_file = attach_log_file(Path(cfg.out) / "simulate.log", args)
-    report = run_simulation(cfg)
+    try:
+        report = run_simulation(cfg)
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:  # before the rounds began (run_simulation keeps the rounds done)
+        raise RunInterrupted(f"no round had finished: no results written to {cfg.out}") from None
     keys = ("task", "rounds", "top1", "top3", "uplink_bytes_per_update", "float32_bytes_per_update", "wall_s",
             "peak_rss_mb")
     summary = {k: report[k] for k in keys if k in report}
@@ -257,7 +262,7 @@ def _train_central(args: argparse.Namespace) -> int:
                            lr=args.lr, seed=args.seed, output_prior=unigram_log_prior(task.target_counts()),
                            progress=not args.no_progress)
     if result.stopped_by and not result.per_epoch:
-        raise RunInterrupted(f"no epoch had finished: nothing written to {out}")
+        raise RunInterrupted(f"no epoch had finished: no results written to {out}")
     from device_sim.report import machine
 
     report = {"task": corpus.name, "model": f"cifg-lstm e{args.embed_dim} u{args.units} v{task.vocab.size}",

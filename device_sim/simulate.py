@@ -433,7 +433,7 @@ def run_simulation(cfg: SimConfig, *, on_start: Callable[[list[SimDevice]], None
             fleet.clock.freeze()
 
     if interrupt.stopped_by and not per_round:
-        raise RunInterrupted(f"no round had finished: nothing written to {out_dir}")
+        raise RunInterrupted(f"no round had finished: no results written to {out_dir}")
     if agg is not None:
         report = _report(cfg, corpus.name, task, bundle, per_round, last, devices, wall_start)
         report["clients_per_round_requested"] = requested.clients_per_round

@@ -399,7 +399,7 @@ def run_tune(base, points: Sequence[TunePoint], out: str | Path, *, baseline: st
     finally:
         bar.close()
     if stopped_by and not rows:
-        raise RunInterrupted(f"no point had finished: nothing written to {out}; the same command starts the sweep")
+        raise RunInterrupted(f"no point had finished: no results written to {out}; the same command starts the sweep")
     result = summarize(rows, baseline=base_spec, tolerance=tolerance, settings=sweep_settings(base))
     result.ran, result.reused = ran, len(rows) - ran
     result.stopped_by, result.points_requested = stopped_by, len(points)

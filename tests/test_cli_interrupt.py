@@ -114,6 +114,21 @@ def test_ctrl_c_in_simulate_keeps_a_partial_report_of_the_rounds_done(tmp_path, 
     assert str(out / "report.json") in said
 
 
+def test_ctrl_c_before_the_first_round_is_one_line_and_keeps_no_results(tmp_path, cache_dir, fedboard):
+    out = tmp_path / "run"
+    run = fedboard("simulate", *TINY_SIM, "--rounds", "200", "--out", str(out))
+    run.wait_for(r"device_sim\.simulate: task ", 300)  # corpus and model ready; the broker is starting
+    code, stderr = run.interrupt()
+    assert code == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    said = last_stderr_line(stderr)
+    if (out / "report.json").exists():  # the signal was slower than a whole round: a partial report
+        assert json.loads((out / "report.json").read_text())["partial"] is True
+        assert said.startswith("fedboard simulate: interrupted; kept the partial report of ")
+    else:
+        assert said == f"fedboard simulate: interrupted; no round had finished: no results written to {out}"
+
+
 def test_ctrl_c_in_tune_keeps_the_points_done_and_the_sweep_resumes(tmp_path, cache_dir, fedboard):
     out = tmp_path / "tune"
     argv = ["tune", "--codec", "q8", *TINY_SIM, "--rounds", "20", "--out", str(out)]
