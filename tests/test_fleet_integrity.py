@@ -237,3 +237,73 @@ def test_what_a_device_retains_on_its_topics_is_deleted(live, running, model, tm
         probe.disconnect()
         probe.loop_stop()
     assert max((n for t, n in seen.items() if not t.endswith("/marker")), default=0) <= 4096, seen
+
+
+def test_a_real_device_re_sends_an_update_a_group_member_swallowed(live, running, tmp_path, cache_dir):
+    """The workers' group name leaked: a device joined the group and took the first update (the broker
+    confirmed it to the device). edge_client's DeviceClient gets no Ack and sends it again."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    from aggregator.scale_out import IntakeWorker
+    from aggregator.server import Aggregator, AggregatorConfig
+    from edge_client.device import DeviceClient, DeviceConfig
+    from edge_client.text_windows import StoreWindows
+    from edge_client.textstore import TextStore
+    from edge_client.trainer import InterpreterPool
+    from models.bundle_cache import get_or_export_bundle
+    from models.config import ModelConfig
+    from models.tokenizer import Vocabulary, build_vocabulary
+    from protocol.signing import ModelTrust
+    from protocol.transport import MqttSettings
+    from aggregator_testkit import keypair
+
+    texts = ["i am going to the park", "see you at the station at six", "we are at home now"] * 10
+    vocab = build_vocabulary(texts, size=100)
+    bundle = get_or_export_bundle(ModelConfig(vocab_size=vocab.size, embed_dim=8, units=16, seq_len=20, batch_size=16),
+                                  vocab.to_json(), seed=0, cache_dir=cache_dir / "bundles")
+    broker = live(devices=2, workers=1)
+    me, thief_user = broker.devices
+
+    def settings(user):
+        return MqttSettings(port=broker.port, username=user, password=broker.password(user), keepalive_s=10,
+                            reconnect_min_s=0.2, reconnect_max_s=1.0)
+
+    private_key, public_key = keypair()
+    agg = Aggregator(AggregatorConfig(fleet=broker.fleet, clients_per_round=1, expected_checkins=1, workers=1,
+                                      checkin_window_s=30.0, report_deadline_s=60.0, codec="q8",
+                                      share_group=broker.share_group), bundle, settings("aggregator"), private_key)
+    agg.start()
+    running.append(agg)
+    root = FleetTopics(broker.fleet).root
+    thief = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=thief_user, protocol=mqtt.MQTTv5)
+    thief.username_pw_set(thief_user, broker.password(thief_user))
+    subscribed = threading.Event()
+    thief.on_subscribe = lambda *a: subscribed.set()
+    thief.connect("127.0.0.1", broker.port)
+    thief.loop_start()
+    thief.subscribe(f"$share/{broker.share_group}/{root}/update/+", 1)
+    assert subscribed.wait(20)
+    result = {}
+    runner = threading.Thread(target=lambda: result.setdefault("r", agg.run_round()), daemon=True)
+    runner.start()
+    store = TextStore(tmp_path / "texts.db")
+    store.add_many(texts)
+    device = DeviceClient(DeviceConfig(fleet=broker.fleet, device_id=me, mqtt=settings(me), ack_timeout_s=2.0),
+                          InterpreterPool(bundle), StoreWindows(store, Vocabulary.from_json(bundle.vocab_json), 20),
+                          ModelTrust(public_key, broker.fleet, bundle.model_id))
+    device.start()
+    running.append(device)
+    # the thief is the group's only member when the update comes: the broker confirms it, then drops it
+    wait_until(lambda: device.stats.updates_sent == 1, 60, "the device's update")
+    worker = IntakeWorker(broker.fleet, bundle.param_count, settings(broker.workers[0]), "w1",
+                          group=broker.share_group)
+    worker.start()
+    running.append(worker)
+    runner.join(90)
+    thief.loop_stop()
+    thief.disconnect()
+    store.close()
+    assert result["r"].committed and result["r"].participants == 1, result
+    assert device.stats.resends >= 1 and device.stats.updates_accepted == 1
