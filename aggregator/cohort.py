@@ -107,7 +107,8 @@ class PaceSteering:
         span = self.spread_rounds(cohort_size)
         if span <= 1.0:
             return [0.0] * count
-        slots = min(self.max_skip_rounds, math.ceil(span))
+        # every slot keeps at least a cohort's worth of the population (steady state never starves)
+        slots = min(self.max_skip_rounds, math.ceil(span), max(1, self.population // max(1, cohort_size)))
         start = self.until_next_round(elapsed_in_round_s) - self.period_s  # slot 0 starts here
         load = [0] * slots
         for left in booked_s:

@@ -22,6 +22,9 @@ flag wins over the file). The file has two tables:
     rounds = 0                  # 0 = run until SIGTERM
     metrics_port = 9100
     clients_per_round = 20
+    min_reports = 0             # the report floor (0 = the goal at the deadline, never below half of it)
+    checkin_patience_s = inf    # a round below the floor waits for devices (the service default)
+    weight_cap = 10.0           # an update weighs at most 10 x the cohort's median declared examples
 
 Relative paths are relative to the file.
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import signal
 import sys
 import threading
@@ -187,6 +191,9 @@ def load_service_config(args: argparse.Namespace) -> ServiceConfig:
     if unknown:
         raise ValueError(f"unknown [aggregator] setting(s) {unknown}; see `fedboard aggregator --help`")
     check_field_types(ServiceConfig, service, "[aggregator]")
+    # a service waits for its fleet: a round without enough check-ins keeps its window open (logged
+    # once a minute) instead of being abandoned again and again before the devices come
+    table.setdefault("checkin_patience_s", math.inf)
     config = AggregatorConfig(**table)
     password_file = broker.pop("password_file", None)
     if password_file is not None:

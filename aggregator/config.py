@@ -89,6 +89,13 @@ def _named_codec(key: str, spec: str) -> Any:
         raise CodecError(exc.reason, f"{key}: {exc.detail}") from None
 
 
+def report_floor(clients_per_round: int, min_reports: int) -> int:
+    """min_reports, else half the goal: at least 2 (a sum of one is that device's update), at most the goal."""
+    if min_reports:
+        return min_reports
+    return min(clients_per_round, max(2, math.ceil(clients_per_round / 2)))
+
+
 # Grid range of secure aggregation when devices do not clip: wide enough that local SGD deltas
 # (lr 5, per-step clip 5) are not cut, while 32 bits and 20 devices still give a step of 1.5e-7.
 DEFAULT_SECAGG_RANGE = 16.0
@@ -102,8 +109,11 @@ class AggregatorConfig:
     # -- rounds (Bonawitz et al. 2019) ------------------------------------------------------
     clients_per_round: int = 20          # the goal count: the round commits when this many reported
     over_selection: float = 1.3          # cohort = ceil(goal * over_selection) of the checked-in devices
-    min_reports: int = 0                 # fewest reports to commit at the deadline; 0 = the goal
+    min_reports: int = 0                 # the floor: fewest reports a round commits with (0 = the goal at the
+                                         # deadline, never fewer than report_floor(): half the goal, >= 2)
     checkin_window_s: float = 10.0
+    checkin_patience_s: float = 0.0      # a window below the floor is extended up to this long (0 = not: the
+                                         # round is abandoned; inf = wait for the fleet, `fedboard aggregator`)
     expected_checkins: int = 0           # close the window early once the devices we expect checked in
     report_deadline_s: float = 300.0
     pace_steering: bool = True           # tell unselected devices when to come back
@@ -124,6 +134,8 @@ class AggregatorConfig:
     server_lr: float = 1.0
     server_options: str = ""             # more optimizer settings, e.g. "momentum=0.9" or "tau=1e-3,beta2=0.99"
     max_update_norm: float = 1e3         # intake refuses an update with a larger L2 norm
+    weight_cap: float = 10.0             # an update weighs at most K x the cohort's median declared example
+                                         # count (0 = no cohort cap); never more than its own check-in declared
     max_payload: int = DEFAULT_MAX_PAYLOAD
     intake_buffer_mb: int = 32           # received, not yet processed messages held in memory
     seed: int = 0
@@ -164,6 +176,12 @@ class AggregatorConfig:
             raise ValueError("min_reports must be in 0..clients_per_round (0 = all of the goal)")
         if not (math.isfinite(self.over_selection) and 1.0 <= self.over_selection <= 10.0):
             raise ValueError(f"over_selection must be in [1, 10] (1.3 = select 30 % more), got {self.over_selection}")
+        if not self.checkin_patience_s >= 0:
+            raise ValueError(f"checkin_patience_s must be >= 0 (0 = no extension, inf = wait for devices), "
+                             f"got {self.checkin_patience_s}")
+        if not (math.isfinite(self.weight_cap) and self.weight_cap >= 0) or 0 < self.weight_cap < 1:
+            raise ValueError(f"weight_cap must be 0 (off) or >= 1 (K x the cohort's median example count), "
+                             f"got {self.weight_cap}")
         if not (math.isfinite(self.lease_interval_s) and self.lease_interval_s >= 0):
             raise ValueError(f"lease_interval_s must be >= 0 (0 = no fleet lease), got {self.lease_interval_s}")
         for name in ("checkin_window_s", "report_deadline_s", "worker_timeout_s"):
@@ -268,6 +286,16 @@ class AggregatorConfig:
         """Fewest reports to commit at the deadline."""
         goal = self.goal(cohort)
         return max(1, min(self.min_reports or goal, goal)) if cohort else 1
+
+    def report_floor(self) -> int:
+        """Fewest reports ANY round commits with, however few devices checked in: min_reports, else
+        half the goal (at least 2, at most the goal). A round of one device would publish that
+        device's update to the whole fleet (aggregator/PRIVACY.md, "Round floor")."""
+        return report_floor(self.clients_per_round, self.min_reports)
+
+    def cohort_target(self) -> int:
+        """The cohort a round selects when enough devices check in: ceil(goal x over_selection)."""
+        return math.ceil(self.clients_per_round * self.over_selection - 1e-9)
 
     def server_optimizer_kwargs(self) -> dict[str, float]:
         kwargs: dict[str, float] = {"lr": self.server_lr}

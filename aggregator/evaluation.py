@@ -9,7 +9,9 @@ Federated evaluation: a device may report how the model it received does on its 
 data, as counts in its update's metadata (so nothing but three integers leaves the device):
 ``meta["eval"]`` or ``meta["extra"]["eval"]`` = ``{"correct1": int, "correct3": int,
 "scored": int}``. Counts add up across devices into a micro-averaged top-1/top-3, the
-benchmark's metric, without the server ever seeing a test window.
+benchmark's metric, without the server ever seeing a test window. A device's counts are
+taken only up to what its check-in makes possible (`eval_bound`: seq_len positions per
+declared window); beyond that they are ignored, and logged.
 """
 from __future__ import annotations
 
@@ -39,6 +41,13 @@ def device_eval_counts(meta: Mapping[str, Any]) -> tuple[int, int, int] | None:
     if not c1 <= c3 <= scored:
         return None
     return c1, c3, scored
+
+
+def eval_bound(declared_windows: int, seq_len: int) -> int:
+    """Most positions a device can score: seq_len targets per window it declared at check-in.
+
+    Without a bound one device reporting 2^40 correct guesses decided the round's accuracy."""
+    return max(0, int(declared_windows)) * max(1, int(seq_len))
 
 
 class FederatedEval:

@@ -166,9 +166,11 @@ class CoordinatorLink:
             raise ValidationError(Reason.STALE_BASE, f"trained from version {claim['base_version']}")
 
     def grant_message(self, worker: str, claim: dict[str, Any], granted: bool, reason: str = "",
-                      detail: str = "") -> tuple[str, bytes]:
+                      detail: str = "", weight: float | None = None) -> tuple[str, bytes]:
         meta = {"type": "grant", "device": claim["device"], "round_id": claim["round_id"], "granted": granted,
                 "reason": reason, "detail": detail[:300]}
+        if weight is not None:  # the bounded weight (aggregator/weights.py): the worker adds with it
+            meta["weight"] = weight
         return f"{self.root}/grant/{worker}", _envelope(self.fleet, worker, claim["round_id"], meta)
 
     def parse_partial(self, payload: bytes) -> tuple[int, dict[str, np.ndarray]]:
@@ -334,7 +336,10 @@ class IntakeWorker:
             self._answer(device, env.round, False, Reason.ROUND_CLOSED.value, "the coordinator did not answer")
             return
         if answer.get("granted"):
-            self._aggregate.add(delta, float(env.example_count), client_id=device)
+            weight = answer.get("weight")  # the coordinator's bound on the claimed example count
+            bounded = float(env.example_count) if not isinstance(weight, (int, float)) or isinstance(weight, bool) \
+                else min(float(env.example_count), float(weight))
+            self._aggregate.add(delta, bounded, client_id=device)
             self._accepted.add(device)
             self.accepted_total += 1
             self._answer(device, env.round, True, "", "")

@@ -332,9 +332,9 @@ class SecureAggregation:
             return sr.abandoned
         if sr.phase != "done":
             return f"secure aggregation stopped in phase {sr.phase!r}"
-        needed = self.agg.config.min_reports
-        if needed and len(sr.survivors) < needed:
-            return f"{len(sr.survivors)} masked inputs, min_reports is {needed}"
+        needed = self.agg.config.report_floor()
+        if len(sr.survivors) < needed:
+            return f"{len(sr.survivors)} masked inputs, the min_reports floor is {needed}"
         return ""
 
     def report(self, r: _OpenRound) -> dict[str, Any]:
