@@ -309,3 +309,44 @@ def test_a_round_below_the_floor_is_abandoned_not_committed_without_patience(tmp
     finally:
         agg.stop()
         lone.stop()
+
+
+def test_scale_out_workers_add_an_inflated_update_with_the_coordinators_bound(mosquitto):
+    # the worker decodes the update, the coordinator grants it: the grant carries the bounded
+    # weight (the check-in declared 10 windows), and the worker's partial sum uses it
+    from aggregator.scale_out import IntakeWorker
+    from aggregator.server import Aggregator, AggregatorConfig
+    from aggregator_testkit import ScriptedFleet, expected_fedavg, keypair
+    from protocol.transport import MqttSettings
+
+    bundle = fake_bundle()
+    key, _ = keypair()
+    settings = MqttSettings(port=mosquitto.port, mqtt_version=5)
+    names = [f"s{i}" for i in range(4)]
+    config = AggregatorConfig(fleet="scaleinfl", clients_per_round=4, over_selection=1.0, expected_checkins=4,
+                              checkin_window_s=10.0, report_deadline_s=30.0, codec="f32", workers=2)
+    coordinator = Aggregator(config, bundle, settings, key)
+    workers = [IntakeWorker("scaleinfl", bundle.param_count, settings, f"w{i}", group=config.share_group)
+               for i in range(2)]
+    for w in workers:
+        w.start()
+    coordinator.start()
+    fleet = ScriptedFleet(mosquitto.port, "scaleinfl", names, client_id="fleet-scaleinfl")  # declares 10 windows
+    try:
+        out = {}
+        thread = threading.Thread(target=lambda: out.setdefault("r", coordinator.run_round()))
+        thread.start()
+        wait_until(lambda: len(fleet.selected(1)) == 4, 30, "assignments")
+        updates = {d: dyadic_update(i, bundle.param_count) for i, d in enumerate(names)}
+        for d in names:
+            fleet.send(d, update_bytes("scaleinfl", d, 1, 0, updates[d], examples=INFLATED if d == "s0" else 10))
+        thread.join(60)
+        result = out["r"]
+        assert result.committed and result.participants == 4 and result.weight_capped == 1, result
+        expected = expected_fedavg(bundle.initial_weights, [(updates[d], 10) for d in names])
+        np.testing.assert_allclose(coordinator.weights, expected, rtol=1e-6, atol=1e-7)
+    finally:
+        fleet.stop()
+        coordinator.stop()
+        for w in workers:
+            w.stop()
