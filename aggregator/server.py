@@ -698,8 +698,7 @@ class Aggregator:
             r.accepted_sha[device] = hashlib.sha256(data).hexdigest()
             self._account(r, env.meta, len(data), device)
             if cut:
-                r.weight_capped += 1
-                log.warning("aggregator: update from %s weighs %g: %s", device, weight, cut)
+                self._note_capped(r, device, env.example_count, weight, cut)
             if len(state.accepted) >= r.goal:
                 state.open = False  # goal reached: later reports (the over-selected) are refused
             self._dirty = True
@@ -724,6 +723,14 @@ class Aggregator:
                 log.warning("aggregator: evaluation counts of %s ignored: %d scored positions, its %d declared "
                             "windows hold at most %d", device, counts[2],
                             checkin.train_examples if checkin is not None else 0, bound)
+
+    def _note_capped(self, r: _OpenRound, device: str, claimed: int, weight: float, cut: str) -> None:
+        """Count a cut weight; WARNING when the device claimed more than it declared (a lie), INFO when
+        an honest large device met the cohort cap (several a round on skewed data)."""
+        r.weight_capped += 1
+        level = logging.WARNING if r.bound is not None and r.bound.exceeds_declaration(device, claimed) \
+            else logging.INFO
+        log.log(level, "aggregator: update from %s weighs %g: %s", device, weight, cut)
 
     def _weight_bound(self, r: _OpenRound) -> WeightBound:
         """The cohort's weight limits (aggregator/weights.py), built at the first update (lock held)."""
@@ -775,8 +782,7 @@ class Aggregator:
             r.grants[device] = worker
             self._account(r, claim.get("meta", {}), int(claim.get("bytes", 0)), device)
             if cut:
-                r.weight_capped += 1
-                log.warning("aggregator: update from %s weighs %g: %s", device, weight, cut)
+                self._note_capped(r, device, claim["examples"], weight, cut)
             if len(state.accepted) >= r.goal:
                 state.open = False
             self._dirty = True

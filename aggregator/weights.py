@@ -48,6 +48,11 @@ class WeightBound:
         cap = factor * statistics.median(allow.values()) if factor > 0 and allow else math.inf
         return cls(allow, cap)
 
+    def exceeds_declaration(self, device: str, claimed: int) -> bool:
+        """True when `claimed` is more than the device's own check-in allows (an honest device
+        exceeds it only if its text grew between check-in and training)."""
+        return claimed > self.allowances.get(device, 0)
+
     def weight(self, device: str, claimed: int) -> tuple[float, str]:
         """The weight of `device`'s update claiming `claimed` examples, and '' or why it was cut."""
         own = self.allowances.get(device, 0)

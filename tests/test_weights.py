@@ -24,6 +24,8 @@ def test_a_device_weighs_at_most_its_declaration_and_k_times_the_cohort_median()
     weight, why = bound.weight("liar", 10_000_000)                # declared the lie too: the cohort cap
     assert weight == 22.0 and "cohort cap" in why
     assert bound.weight("stranger", 5)[0] == 0.0                  # no check-in, no weight
+    # a lie about its own declaration is logged as such; meeting the cohort cap is not a lie
+    assert bound.exceeds_declaration("a", 11) and not bound.exceeds_declaration("liar", 10_000_000)
 
 
 def test_no_cohort_cap_when_weight_cap_is_zero():
