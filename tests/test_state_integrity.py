@@ -349,3 +349,55 @@ def test_a_retained_model_is_adopted_only_when_this_key_verifies_it(tmp_path):
     assert not bad.verified and "sha256" in bad.problem
     junk = inspect_retained_model(b"junk", ours.public_key(), *args)
     assert junk.version is None and not junk.verified
+
+
+# -- the same with exactly the `fedboard broker-config` output and devices with their own passwords -----
+@pytest.mark.mosquitto
+def test_with_the_generated_broker_config_a_lost_directory_is_refused_then_recovered(tmp_path):
+    """The whole checkpoint directory lost while the broker retains v1: exit 3, v1 stays retained;
+    --recover-from-broker continues at v1 and the devices' next round commits v2."""
+    import shutil
+
+    from device_sim.adversary import LiveBroker, ScriptedDevice, start_aggregator, stand_in_bundle
+    from device_sim.adversary import wait_until as wait
+
+    bundle = stand_in_bundle()
+    bundle.write(tmp_path / "model.fbz")
+    key, _ = write_keypair(tmp_path / "keys")
+    state = tmp_path / "state"
+    flags = ("--checkpoint-dir", str(state), "--clients-per-round", "3", "--over-selection", "1.0",
+             "--expected-checkins", "3", "--checkin-window-s", "60", "--report-deadline-s", "60", "--codec", "f32")
+    broker = LiveBroker(tmp_path, "lost", 3)
+    devices: list = []
+    try:
+        devices.extend(ScriptedDevice(broker, u) for u in broker.devices)
+
+        def run_round(name: str, round_id: int, base: int, *extra: str) -> str:
+            agg = start_aggregator(broker, tmp_path, name, tmp_path / "model.fbz", key, *flags,
+                                   "--until-round", str(round_id), *extra)
+            try:
+                wait(lambda: all(d.selected(round_id) for d in devices), 90, f"the cohort of round {round_id}")
+                for i, d in enumerate(devices):
+                    d.send_update(round_id, base, np.random.default_rng(i + 10 * round_id).normal(0, 0.01,
+                                                                                               bundle.param_count))
+                assert agg.proc.wait(90) == 0, agg.text()
+            finally:
+                agg.stop()
+            return agg.text()
+
+        assert "round 1: committed v1 3/3 reports" in run_round("first", 1, 0)
+        wait(lambda: (devices[0].weights(bundle.param_count) or (0,))[0] == 1, 30, "the retained v1")
+        shutil.rmtree(state)  # the whole directory lost
+
+        refused = start_aggregator(broker, tmp_path, "refused", tmp_path / "model.fbz", key, *flags, "--rounds", "1")
+        assert refused.proc.wait(90) == 3, refused.text()
+        text = refused.text()
+        assert "retains model v1" in text and "--recover-from-broker" in text and "Traceback" not in text, text
+        assert devices[0].weights(bundle.param_count)[0] == 1  # nothing was published over v1
+
+        log = run_round("recovered", 2, 1, "--recover-from-broker")
+        assert "recovered model v1" in log and "round 2: committed v2 3/3 reports" in log, log
+    finally:
+        for d in devices:
+            d.close()
+        broker.stop()
