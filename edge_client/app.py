@@ -12,7 +12,9 @@ later.
 State kept in `state_dir` (mode 0700): `bundle.fbz` (the training bundle), `trust.json` (the
 last model version accepted, so a restart cannot be fed an older model), `model.fbm` (the
 last accepted global model, signed, for `fedboard predict`), `residual.f32` (error feedback).
-The user's texts live in the text store (`[device] data`) and never leave the device.
+The user's texts live in the text store (`[device] data`) and never leave the device. The texts,
+the residual and `outbox/` are encrypted with the device's store key (edge_client/at_rest.py),
+checked against every store before anything is written.
 """
 from __future__ import annotations
 
@@ -35,14 +37,13 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.client import CallbackAPIVersion
 
+from edge_client.at_rest import device_keyring, open_device_stores
 from edge_client.client_config import ClientConfig
 from edge_client.device import DeviceClient, DeviceConfig
 from edge_client.eligibility import EligibilityPolicy
 from edge_client.eligibility import Reason as EligibilityReason
 from edge_client.linux_platform import LinuxPlatform
 from edge_client.platform import Platform
-from edge_client.outbox import Outbox
-from edge_client.residuals import ResidualStore
 from edge_client.text_windows import StoreWindows
 from edge_client.textstore import TextStore
 from edge_client.trainer import InterpreterPool
@@ -561,7 +562,12 @@ class ClientApp:
 
     def start(self) -> None:
         cfg = self.config
-        self.bundle, retained = bootstrap(cfg, self.public_key)
+        stores = open_device_stores(cfg, device_keyring(cfg))  # a wrong or missing store key stops here, unwritten
+        try:
+            self.bundle, retained = bootstrap(cfg, self.public_key)
+        except BaseException:
+            stores.close()
+            raise
         self.trust = PersistentTrust(self.public_key, cfg.device.fleet, self.bundle.model_id, self.state_dir)
         if retained is not None and retained.manifest.model_id == self.bundle.model_id:
             try:  # seeds the version and hash, so the unchanged retained model is taken again later
@@ -571,7 +577,7 @@ class ClientApp:
         # an uncompressed float32 update must fit, or the round's work would be lost
         self.gate.storage = StateDirProbe((self.state_dir, self.state_dir / "outbox"),
                                           min_free_bytes=4 * self.bundle.param_count + 2**20)
-        store = TextStore(cfg.device.data, max_age_days=cfg.store.max_age_days, max_rows=cfg.store.max_rows)
+        store = stores.text
         windows = StoreWindows(store, Vocabulary.from_json(self.bundle.vocab_json), self.bundle.config.seq_len)
         # The interpreter lives only while a round trains: between rounds the client holds no
         # arena, and delta, encoding and publishing do not stack on the training peak.
@@ -580,8 +586,8 @@ class ClientApp:
         device = DeviceClient(
             DeviceConfig(fleet=cfg.device.fleet, device_id=cfg.device.id, mqtt=cfg.mqtt_settings(),
                          keep_model=True, platform_name="linux", local_dp=cfg.privacy.local_dp),
-            pool, windows, self.trust, residuals=ResidualStore(self.state_dir),
-            outbox=Outbox(self.state_dir / "outbox"), eligibility=self.gate, on_event=self._on_event,
+            pool, windows, self.trust, residuals=stores.residuals,
+            outbox=stores.outbox, eligibility=self.gate, on_event=self._on_event,
         )
         with self._stop_lock:
             self.store, self.device = store, device

@@ -23,6 +23,7 @@ from protocol.topics import ID_PATTERN
 from protocol.transport import MqttSettings
 
 DEFAULT_STATE_DIR = "/var/lib/fedboard"
+DEFAULT_KEY_FILE = "store.key"  # beside client.toml, outside the state directory
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,7 @@ class DeviceSection:
     fleet: str
     state_dir: Path
     data: Path                 # the text store (SQLite file)
+    key_file: Path | None = None  # the store key when no systemd credential gives it (edge_client/store_keys.py)
 
 
 @dataclass(frozen=True)
@@ -271,7 +273,8 @@ def load_client_config(path: str | Path) -> ClientConfig:
     s = section("device", True)
     state_dir = s.path("state_dir", Path(DEFAULT_STATE_DIR))
     device = DeviceSection(id=s.ident("id"), fleet=s.ident("fleet"), state_dir=state_dir,
-                           data=s.path("data", state_dir / "texts.db"))
+                           data=s.path("data", state_dir / "texts.db"),
+                           key_file=s.path("key_file", base / DEFAULT_KEY_FILE))
     s.check_unknown()
 
     s = section("broker", True)

@@ -27,6 +27,11 @@ KEYGEN_EXAMPLES = """examples:
   fedboard keygen --out keys
   fedboard keygen --out keys --force     # replace the pair: every device needs the new .pub
 """
+ROTATE_KEY_EXAMPLES = """examples:
+  sudo systemctl stop fedboard-client
+  fedboard client rotate-key --config /etc/fedboard/client.toml
+  fedboard client rotate-key --config client.toml --key-file /run/fedboard-rotate/store.key
+"""
 PREDICT_EXAMPLES = """examples:
   fedboard predict "i am going to" --config client.toml
   fedboard predict "see you" --bundle model.fbz -k 5
@@ -54,6 +59,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="lines: one text per line; tsv: ts<TAB>text[<TAB>app]; jsonl: {\"text\", \"ts\", \"app\"}")
     add.add_argument("--app", help="name of the app the text was typed in (kept locally)")
     add.set_defaults(handler=add_text)
+    rotate = actions.add_parser(
+        "rotate-key", help="re-encrypt the device's stored text, residual and outbox with a new store key",
+        description="Re-seal the text store, the residual and the outbox with a new store key, then replace "
+                    "[device] key_file with it. Crash-safe: the new key is staged as KEY_FILE.next first; "
+                    "after a crash, run it again to finish. Stop the client service first.",
+        formatter_class=HelpFormatter, epilog=ROTATE_KEY_EXAMPLES)
+    rotate.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="client.toml")
+    rotate.add_argument("--key-file", type=Path, help="the key file to rotate instead of [device] key_file "
+                                                      "(e.g. a key taken out of its systemd credential)")
+    rotate.set_defaults(handler=rotate_key_command)
 
     keygen = subparsers.add_parser(
         "keygen", help="create the aggregator's Ed25519 signing key pair (on the server)",
@@ -96,20 +111,30 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 def add_text(args: argparse.Namespace) -> int:
+    from edge_client.at_rest import device_keyring, open_text_store
     from edge_client.client_config import load_client_config
-    from edge_client.textstore import TextStore
 
     config = load_client_config(_require_config(args))
     if bool(args.text) == bool(args.file):
         raise ValueError("give either texts to add or --file PATH, not both and not neither")
-    with TextStore(config.device.data, max_age_days=config.store.max_age_days,
-                   max_rows=config.store.max_rows) as store:
+    with open_text_store(config, device_keyring(config)) as store:
         if args.file:
             added = store.import_file(args.file, args.format)
         else:
             added = store.add_many(args.text, app=args.app)
         total = store.count()
     print(f"added {added} text(s) to {config.device.data} ({total} stored)")
+    return 0
+
+
+def rotate_key_command(args: argparse.Namespace) -> int:
+    from edge_client.at_rest import rotate_key
+    from edge_client.client_config import load_client_config
+
+    report = rotate_key(load_client_config(_require_config(args)), key_file=args.key_file)
+    print(f"store key rotated: {report.texts} text(s), {'the residual, ' if report.residual else ''}"
+          f"{report.outbox_items} outbox item(s) re-encrypted; key id {report.old_key_id} -> {report.new_key_id}"
+          f"{' (an interrupted rotation finished)' if report.resumed else ''}")
     return 0
 
 

@@ -14,6 +14,11 @@ the oldest items go first, since they are the most likely to belong to closed ro
 File layout (little-endian): magic b"FBOX", format u8, flags u8 (0), topic_len u16,
 round_id u32, deadline_unix f64, created_unix f64, data_len u32, crc32 u32 (over the header
 with the crc zeroed, the topic and the data), then the UTF-8 topic and the data.
+
+With a `Keyring` each file is that layout sealed with AES-GCM (edge_client/sealing.py), bound
+to the item id (its file name), since an update is a function of the user's text. Plain items
+of an older client are still read, and sealed by `reseal()`; an item sealed with an unknown key
+is skipped with an error, never removed (a wrong key must not destroy anything).
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+from edge_client.sealing import Keyring, SealedDataCorrupt, StoreKeyError, is_sealed, sealed_key_id
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +105,13 @@ class Outbox:
     """
 
     def __init__(self, directory: Path, *, max_items: int = DEFAULT_MAX_ITEMS,
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+                 max_bytes: int = DEFAULT_MAX_BYTES, keyring: Keyring | None = None) -> None:
         if max_items < 1 or max_bytes < 1:
             raise ValueError(f"outbox limits must be >= 1, got max_items={max_items}, max_bytes={max_bytes}")
         self.directory = Path(directory)
         self.max_items = max_items
         self.max_bytes = max_bytes
+        self.keyring = keyring
         self._lock = threading.Lock()
         # item id -> deadline on the monotonic clock, for items put by this process: a wall clock that
         # jumps (NTP, a dead RTC battery, the user) must not expire an update whose round is still open
@@ -124,6 +132,8 @@ class Outbox:
         created = time.time()
         item_id = f"{time.time_ns():020d}-{secrets.token_hex(4)}"
         blob = encode_item(OutboxItem(item_id, topic, round_id, float(deadline_unix), created, data))
+        if self.keyring is not None:
+            blob = self.keyring.seal(blob, self._aad(item_id))
         if len(blob) > self.max_bytes:
             raise ValueError(f"update of {len(blob)} bytes does not fit the outbox limit of {self.max_bytes} bytes")
         with self._lock:
@@ -182,10 +192,12 @@ class Outbox:
             for item_id, _ in self._files_locked():
                 path = self._path(item_id)
                 try:
-                    items.append(decode_item(item_id, path.read_bytes()))
+                    items.append(decode_item(item_id, self._open(item_id, path.read_bytes())))
                 except FileNotFoundError:
                     continue
-                except (OutboxCorrupt, OSError) as exc:
+                except StoreKeyError as exc:
+                    log.error("outbox: skipping %s: %s", path.name, exc)
+                except (OutboxCorrupt, SealedDataCorrupt, OSError) as exc:
                     log.warning("outbox: removing corrupt item %s: %s", path.name, exc)
                     path.unlink(missing_ok=True)
         items.sort(key=lambda item: (item.created_unix, item.id))
@@ -222,6 +234,57 @@ class Outbox:
             self._path(item_id).unlink(missing_ok=True)
             self._monotonic_deadline.pop(item_id, None)
         log.info("outbox: dropped %s: %s", item_id, reason)
+
+    # -- sealing -----------------------------------------------------------------------------
+    @staticmethod
+    def _aad(item_id: str) -> bytes:
+        return b"fedboard/outbox/v1\0" + item_id.encode("utf-8")
+
+    def _open(self, item_id: str, raw: bytes) -> bytes:
+        if not is_sealed(raw):
+            return raw  # a plain item (an older client); decode_item checks it
+        if self.keyring is None:
+            raise StoreKeyError("sealed, and this outbox has no store key")
+        return self.keyring.open(raw, self._aad(item_id), f"outbox item {item_id}")
+
+    def check_key(self) -> None:
+        """StoreKeyError if any item is sealed with a key the keyring does not hold."""
+        if self.keyring is None:
+            return
+        with self._lock:
+            for item_id, _ in self._files_locked():
+                try:
+                    with open(self._path(item_id), "rb") as fh:
+                        head = fh.read(64)
+                except FileNotFoundError:
+                    continue
+                key_id = sealed_key_id(head)
+                if key_id is not None and not self.keyring.has(key_id):
+                    raise StoreKeyError(f"outbox item {self._path(item_id)} is sealed with another key "
+                                        f"(key id {key_id.hex()}, the store key given has id "
+                                        f"{self.keyring.current.key_id.hex()}): wrong store key; nothing was changed")
+
+    def reseal(self) -> int:
+        """Rewrite every item not sealed with the current key (plain, or the old key of a rotation),
+        each atomically; returns how many. Corrupt items are left for `pending()` to remove."""
+        if self.keyring is None:
+            return 0
+        done = 0
+        with self._lock:
+            for item_id, _ in self._files_locked():
+                try:
+                    raw = self._path(item_id).read_bytes()
+                    if sealed_key_id(raw) == self.keyring.current.key_id:
+                        continue
+                    plain = self._open(item_id, raw)
+                    decode_item(item_id, plain)
+                except FileNotFoundError:
+                    continue
+                except (OutboxCorrupt, SealedDataCorrupt):
+                    continue
+                self._write_atomic(item_id, self.keyring.seal(plain, self._aad(item_id)))
+                done += 1
+        return done
 
     # -- helpers -----------------------------------------------------------------------------
     def _path(self, item_id: str) -> Path:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from edge_client.app import PersistentTrust
+from edge_client.at_rest import device_keyring
 from edge_client.client_config import load_client_config
 from edge_client.commands import main, register
 from edge_client.textstore import TextStore
@@ -97,7 +98,9 @@ def test_add_text_appends_to_the_store(config_file, tmp_path, capsys):
                       f'{{"text": "too old to keep", "ts": {ancient}}}\n')
     assert main(["client", "add-text", "--config", str(config_file), "--file", str(export), "--format", "jsonl"]) == 0
     config = load_client_config(config_file)
-    with TextStore(config.device.data, max_age_days=None) as store:
+    with pytest.raises(ValueError, match="encrypted"):  # the typed text is sealed: no key, no text
+        TextStore(config.device.data)
+    with TextStore(config.device.data, max_age_days=None, keyring=device_keyring(config)) as store:
         assert sorted(store.texts()) == sorted(["i am going to the park", "see you", "from a file", "another"])
     assert main(["client", "add-text", "--config", str(config_file)]) == 2  # neither texts nor --file
     assert "either texts to add or --file" in capsys.readouterr().err
