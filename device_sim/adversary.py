@@ -155,9 +155,10 @@ class ScriptedDevice:
         with self._lock:
             return next((a for a in self.acks if a.round_id == round_id), None)
 
-    def send_update(self, round_id: int, base: int, vec: np.ndarray, examples: int | None = None) -> None:
+    def send_update(self, round_id: int, base: int, vec: np.ndarray, examples: int | None = None,
+                    meta: dict | None = None) -> None:
         """Publish the update (QoS 1); re-send it while no Ack comes, as a real device does."""
-        data = update_bytes(self.broker.fleet, self.user, round_id, base, vec, examples or self.examples)
+        data = update_bytes(self.broker.fleet, self.user, round_id, base, vec, examples or self.examples, meta)
         self._publish(self.topics.update(self.user), data)
         if self.resend_after_s > 0:
             threading.Thread(target=self._resend, args=(round_id, data), daemon=True).start()
@@ -197,11 +198,12 @@ class ScriptedDevice:
         self.client.loop_stop()
 
 
-def update_bytes(fleet: str, device: str, round_id: int, base: int, vec: np.ndarray, examples: int) -> bytes:
+def update_bytes(fleet: str, device: str, round_id: int, base: int, vec: np.ndarray, examples: int,
+                 meta: dict | None = None) -> bytes:
     codec = parse_codec("f32")
     payload = codec.encode(vec.astype(np.float32), rng=np.random.default_rng(0)).payload
-    return Envelope(Kind.UPDATE, fleet, device, round_id, base, examples, codec.spec, {"train_loss": 1.0},
-                    payload).encode()
+    return Envelope(Kind.UPDATE, fleet, device, round_id, base, examples, codec.spec,
+                    {"train_loss": 1.0} if meta is None else meta, payload).encode()
 
 
 @dataclass
