@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import pwd
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,7 @@ class BrokerFiles:
     passwd: Path
     acl: Path
     credentials: dict[str, Path]
+    notes: list[str] = field(default_factory=list)   # what to fix before the broker can start
 
 
 def write_broker_config(out: str | Path, setup: BrokerSetup, *, overwrite: bool = False) -> BrokerFiles:
@@ -225,7 +227,37 @@ def write_broker_config(out: str | Path, setup: BrokerSetup, *, overwrite: bool 
     if setup.workers:  # the workers' --share-group: a device that cannot name the group cannot join it
         credentials["share-group"] = _write(creds_dir / "share-group", "agg-" + secrets.token_hex(12) + "\n", 0o600)
     conf = _write(directory / "mosquitto.conf", render_conf(setup, directory), 0o644)
-    return BrokerFiles(conf, passwd, acl, credentials)
+    files = BrokerFiles(conf, passwd, acl, credentials)
+    if os.geteuid() == 0:
+        files.notes.extend(hand_to_broker_user(files, directory, setup.run_as_user or "mosquitto"))
+    return files
+
+
+def hand_to_broker_user(files: BrokerFiles, directory: Path, user: str) -> list[str]:
+    """Started as root, Mosquitto drops to `user` BEFORE it reads the password file, the ACL and its
+    persistence directory ("Unable to open pwfile" otherwise): give them to that user.
+
+    Returns what still stands in the way (a parent directory that user cannot enter), to print."""
+    if user == "root":
+        return []
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        return [f"there is no user {user!r} for Mosquitto to drop to when started as root: install the Debian "
+                f"package `mosquitto` (it creates the user) or pass --user ACCOUNT"]
+    directory = directory.resolve()
+    directory.chmod(0o755)  # the broker enters it; credentials/ inside stays 0700 root
+    for path in (files.passwd, files.acl, directory / "data"):
+        os.chown(path, account.pw_uid, account.pw_gid)
+    for parent in directory.parents:
+        st = parent.stat()
+        enters = (st.st_mode & 0o001 or (st.st_uid == account.pw_uid and st.st_mode & 0o100)
+                  or (st.st_gid == account.pw_gid and st.st_mode & 0o010))
+        if not enters:
+            return [f"Mosquitto runs as user {user!r}, which cannot enter {parent} (mode {st.st_mode & 0o777:o}): "
+                    f"write the configuration under /etc/mosquitto/ (e.g. --out /etc/mosquitto/fedboard) or "
+                    f"`chmod o+x {parent}`"]
+    return []
 
 
 def _write(path: Path, text: str, mode: int) -> Path:

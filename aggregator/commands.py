@@ -91,6 +91,10 @@ def _register_aggregator(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-format", help="format of --eval-corpus (default: guessed)")
     p.add_argument("--client-id", help="MQTT client id (default aggregator-FLEET; keep it stable across restarts)")
     p.add_argument("--worker", metavar="ID", help="run as scale-out intake worker ID of the coordinator")
+    p.add_argument("--recover-from-broker", action="store_true",
+                   help="model.npz is lost: continue from the signed model the broker retains (verified with --key) "
+                        "at its version + 1; the server optimizer's state restarts. A flag, never a config key: "
+                        "without it an aggregator that finds traces of an earlier run refuses to start (exit 3)")
     broker = p.add_argument_group("broker")
     broker.add_argument("--broker", metavar="HOST:PORT", help="the MQTT broker (default 127.0.0.1:1883)")
     broker.add_argument("--username", help="broker user name (default: none, or [broker] username)")
@@ -112,10 +116,6 @@ def _register_aggregator(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=aggregator_command)
 
 
-    p.add_argument("--recover-from-broker", action="store_true",
-                   help="model.npz is lost: continue from the signed model the broker retains (verified with --key) "
-                        "at its version + 1; the server optimizer's state restarts. A flag, never a config key: "
-                        "without it an aggregator that finds traces of an earlier run refuses to start (exit 3)")
 @dataclass(frozen=True)
 class ServiceConfig:
     """Everything `fedboard aggregator` needs, from the TOML file and the flags."""
@@ -350,6 +350,8 @@ def broker_config_command(args: argparse.Namespace) -> int:
     if setup.workers:
         print(f"share group:      {files.credentials['share-group']}  (pass it to every worker as --share-group; "
               "never to a device)")
+    for note in files.notes:
+        print(f"WARNING: {note}", file=sys.stderr)
     print(f"start it with:    mosquitto -c {files.conf}")
     return 0
 

@@ -156,3 +156,54 @@ def test_generated_passwords_are_required(generated_broker):
         wait(lambda: codes)
         c.loop_stop()
         assert codes[0].is_failure
+
+
+def test_as_root_the_printed_start_command_works_and_an_unreachable_directory_is_named(tmp_path):
+    """Started as root, Mosquitto drops to user `mosquitto` before reading passwd/acl ("Unable to open
+    pwfile"): broker-config hands those files to that user, and names a parent it cannot enter."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from device_sim.mosquitto import find_mosquitto, free_port
+
+    if os.geteuid() != 0:
+        pytest.skip("what Mosquitto does when started as root needs root (CI runs as root)")
+    binary = find_mosquitto()
+    assert binary is not None, "mosquitto is not installed: run bash .ci/run"
+    base = Path(tempfile.mkdtemp(prefix="fedboard-broker-"))
+    try:
+        base.chmod(0o755)  # like /etc/mosquitto: the broker's user may enter
+        port = free_port()
+        files = write_broker_config(base / "broker", BrokerSetup(fleet=FLEET, devices=device_ids(1), port=port,
+                                                                 bind="127.0.0.1"))
+        assert files.notes == []
+        proc = subprocess.Popen([binary, "-c", str(files.conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            wait(lambda: proc.poll() is not None or _listening(port), timeout=20)
+            assert proc.poll() is None, proc.communicate()[0].decode()
+            device = "device-0001"
+            client = Client(port, device, files.credentials[device].read_text().strip())  # passwd was readable
+            assert not client.publish(f"fedboard/{FLEET}/status/{device}").is_failure  # authenticated, allowed
+            client.close()
+        finally:
+            proc.terminate()
+            out = proc.communicate(timeout=10)[0].decode()
+        assert "Unable to open pwfile" not in out
+        hidden = tmp_path / "private"
+        hidden.mkdir(mode=0o700)
+        notes = write_broker_config(hidden / "broker", BrokerSetup(fleet=FLEET, devices=device_ids(1))).notes
+        assert len(notes) == 1 and str(hidden) in notes[0] and "/etc/mosquitto" in notes[0]
+    finally:
+        shutil.rmtree(base)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
