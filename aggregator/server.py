@@ -289,13 +289,17 @@ class Aggregator:
         if round_ckpt is not None and self._recover:
             self._deferred_round = round_ckpt
         elif round_ckpt is not None and round_ckpt.round_id > self.round_id:
-            if round_ckpt.meta.get("plan", {}).get("base_version") != self.version:
+            base = _planned_base(round_ckpt)
+            if base != self.version:
                 raise CheckpointError(
                     f"{self._store.round_path if self._store else 'round.npz'} holds round {round_ckpt.round_id} "
-                    f"planned on model v{round_ckpt.meta.get('plan', {}).get('base_version')}, but the model is "
-                    f"v{self.version}: its updates cannot be added to this model. Restore the model.npz it "
-                    "belongs to, or move round.npz away to drop the round")
-            self._resume_round(round_ckpt)
+                    f"planned on model v{base}, but the model is v{self.version}: its updates cannot be added to "
+                    "this model. Restore the model.npz it belongs to, or move round.npz away to drop the round")
+            try:
+                self._resume_round(round_ckpt)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:  # written by another version?
+                raise CheckpointError(f"{self._store.round_path if self._store else 'round.npz'} cannot be resumed "
+                                      f"({type(exc).__name__}: {exc}): move it away to drop the round") from exc
 
     # ---- public state ------------------------------------------------------------------------
     @property
@@ -386,9 +390,9 @@ class Aggregator:
                     if self.optimizer.buffer_names else "")
         round_ckpt, self._deferred_round = self._deferred_round, None
         resumable = (round_ckpt is not None and round_ckpt.round_id > self.round_id
-                     and round_ckpt.meta.get("plan", {}).get("base_version") == self.version)
+                     and _planned_base(round_ckpt) == self.version)
         if round_ckpt is not None and not resumable:
-            base = round_ckpt.meta.get("plan", {}).get("base_version")
+            base = _planned_base(round_ckpt)
             aside = self._store.round_path.with_name(f"{self._store.round_path.name}.v{base}-unusable")
             self._store.round_path.rename(aside)
             log.warning("round %d in round.npz was planned on v%s, not on the recovered v%d: its accepted updates "
@@ -1292,6 +1296,12 @@ class Aggregator:
             if not info.is_published():
                 log.warning("aggregator: the broker has not confirmed the retained %s after %.0f s; "
                             "the next start publishes it again", topic, timeout_s)
+
+
+def _planned_base(ckpt: RoundCheckpoint) -> object:
+    """The model version the checkpointed round was planned on (None if the file does not say)."""
+    plan = ckpt.meta.get("plan") if isinstance(ckpt.meta, dict) else None
+    return plan.get("base_version") if isinstance(plan, dict) else None
 
 
 def _payload_len(envelope: bytes) -> int:

@@ -401,3 +401,22 @@ def test_with_the_generated_broker_config_a_lost_directory_is_refused_then_recov
         for d in devices:
             d.close()
         broker.stop()
+
+
+def test_a_round_planned_on_another_model_than_model_npz_is_refused(tmp_path):
+    """The bug behind the fork: updates trained on v3 were added to another model's weights."""
+    from aggregator.server import Aggregator, AggregatorConfig
+    from protocol.transport import MqttSettings
+
+    state = tmp_path / "state"
+    _model_and_round(state)  # model.npz at v0
+    store = CheckpointStore(state)
+    try:
+        store.save_round(RoundCheckpoint(4, {"plan": {"base_version": 3}}))
+    finally:
+        store.close()
+    with pytest.raises(CheckpointError, match=r"round 4 planned on model v3, but the model is v0.*move round.npz away"):
+        Aggregator(AggregatorConfig(fleet="fork", checkpoint_dir=str(state), server_optimizer="fedadam",
+                                    server_lr=0.01), fake_bundle(), MqttSettings(),
+                   load_private_key(tmp_path / "keys" / "aggregator.key"))
+    CheckpointStore(state).close()  # the refused aggregator released its directory
