@@ -156,6 +156,7 @@ class DeviceClient:
         self._model_version = -1
         self._acked_round = -1                 # the latest round whose update got an Ack (accepted or not)
         self._warned_stale_base = False        # the plan-older-than-trusted-model WARNING was logged
+        self._mismatch_warned: set[str] = set()  # model ids whose plans this device said it sits out
         self._weights: np.ndarray | None = None
         self._secure: SecureUpdate | None = None  # the secure-aggregation round in progress
         self._stopped = threading.Event()
@@ -310,8 +311,13 @@ class DeviceClient:
     def _maybe_check_in(self, plan: RoundPlan) -> None:
         if plan.model_id != self.pool.bundle.model_id:
             self._event("model_mismatch", round=plan.round_id, model_id=plan.model_id)
-            log.warning("%s: round %d is for model %s, this device has %s", self.config.device_id,
-                        plan.round_id, plan.model_id, self.pool.bundle.model_id)
+            with self._lock:  # said once per model id, not at every plan
+                first = plan.model_id not in self._mismatch_warned
+                self._mismatch_warned.add(plan.model_id)
+            if first:
+                log.warning("%s: round %d is for model %s, this device has %s: sitting out that model's rounds "
+                            "(install its bundle to take part)", self.config.device_id, plan.round_id, plan.model_id,
+                            self.pool.bundle.model_id)
             return
         if self.eligibility is not None:
             ok, reasons = self.eligibility(False)

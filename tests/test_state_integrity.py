@@ -295,8 +295,8 @@ def test_a_device_says_once_why_it_ignores_plans_older_than_its_model(tmp_path, 
     fleet = ScriptedFleet(mosquitto.port, "stale", [], client_id="plans-stale")  # publishes plans, checks nobody in
     topics = FleetTopics("stale")
 
-    def plan(round_id, base):
-        data = RoundPlan(round_id, base, bundle.model_id, "f32", 1, 60.0, 60.0).to_envelope("stale").encode()
+    def plan(round_id, base, model_id=bundle.model_id):
+        data = RoundPlan(round_id, base, model_id, "f32", 1, 60.0, 60.0).to_envelope("stale").encode()
         fleet.client.publish(topics.round, data, qos=1, retain=True).wait_for_publish(10)
 
     caplog.set_level(logging.WARNING, logger="edge_client.device")
@@ -317,6 +317,10 @@ def test_a_device_says_once_why_it_ignores_plans_older_than_its_model(tmp_path, 
         plan(5, 1)
         wait_until(lambda: len(named("stale_plan")) == 4, 20, "plan 5 sat out")
         assert len([r for r in caplog.records if "older than v4" in r.getMessage()]) == 2
+        plan(6, 9, "another-model")  # a plan for a model this device does not run: also said once
+        plan(7, 9, "another-model")
+        wait_until(lambda: len(named("model_mismatch")) == 2, 20, "the other model's plans sat out")
+        assert len([r for r in caplog.records if "is for model another-model" in r.getMessage()]) == 1
 
 
 # -- what the broker retains: adopted only when this aggregator's key verifies all of it ----------------
