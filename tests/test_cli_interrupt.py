@@ -107,7 +107,6 @@ def test_ctrl_c_in_simulate_keeps_a_partial_report_of_the_rounds_done(tmp_path, 
     assert report["partial"] is True and report["stopped_by"] == "SIGINT"
     assert 1 <= report["rounds"] == len(report["per_round"]) < 200
     assert report["rounds_requested"] == 200 and report["config"]["rounds"] == 200
-    assert all(row["committed"] for row in report["per_round"])
     assert (out / "accuracy.png").stat().st_size > 1000
     said = last_stderr_line(stderr)
     assert said.startswith("fedboard simulate: interrupted; kept the partial report of ")
@@ -131,7 +130,7 @@ def test_ctrl_c_before_the_first_round_is_one_line_and_keeps_no_results(tmp_path
 
 def test_ctrl_c_in_tune_keeps_the_points_done_and_the_sweep_resumes(tmp_path, cache_dir, fedboard):
     out = tmp_path / "tune"
-    argv = ["tune", "--codec", "q8", *TINY_SIM, "--rounds", "20", "--out", str(out)]
+    argv = ["tune", "--codec", "q8", *TINY_SIM, "--rounds", "10", "--out", str(out)]
     run = fedboard(*argv)
     baseline_done = run.wait_for(r"tune: f32 \(c3 e1\): top-3", 300)
     run.wait_for(r"device_sim\.simulate: round 1\b", 120, after=baseline_done)  # a round of the q8 point is done
@@ -146,7 +145,7 @@ def test_ctrl_c_in_tune_keeps_the_points_done_and_the_sweep_resumes(tmp_path, ca
     said = last_stderr_line(stderr)
     assert said.startswith("fedboard tune: interrupted; kept the partial sweep of ") and str(out / "tune.json") in said
     q8 = json.loads((out / "runs" / "q8__c3_e1" / "report.json").read_text())  # the point it stopped in
-    assert q8["partial"] is True and 1 <= q8["rounds"] < 20
+    assert q8["partial"] is True and 1 <= q8["rounds"] < 10
 
     # the same command resumes: the finished baseline is read back, the interrupted point runs again
     done = subprocess.run([sys.executable, "-m", "device_sim.cli", *argv], cwd=ROOT, capture_output=True, text=True,
@@ -155,7 +154,7 @@ def test_ctrl_c_in_tune_keeps_the_points_done_and_the_sweep_resumes(tmp_path, ca
     doc = json.loads((out / "tune.json").read_text())
     assert doc["partial"] is False and {r["spec"] for r in doc["rows"]} == {"f32", "q8"}
     q8 = json.loads((out / "runs" / "q8__c3_e1" / "report.json").read_text())
-    assert q8["partial"] is False and q8["rounds"] == 20
+    assert q8["partial"] is False and q8["rounds"] == 10
     assert "(1 of 2 points read back" in done.stdout
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -15,20 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 WARNING = "--clients-per-round 20 is more than the 3 device(s) of the fleet: running 3 per round"
 
 
-def three_user_corpus(path: Path) -> Path:
-    rng = random.Random(0)
-    words = "i am going to the park see you at the station later today we will meet for lunch then go home".split()
-    path.write_text("".join(f"{user}\t{' '.join(rng.choice(words) for _ in range(rng.randint(5, 12)))}\n"
-                            for user in ("ann", "bob", "cat") for _ in range(40)))
-    return path
-
-
-def test_a_three_user_corpus_with_20_per_round_warns_once_and_reports_what_ran(tmp_path, cache_dir):
+def test_a_three_device_fleet_with_20_per_round_warns_once_and_reports_what_ran(tmp_path, cache_dir):
+    """--devices 3 makes the fleet as small as a 3-user corpus does (the fleet is the users with
+    training text, capped by --devices); the tiny model is the one tests/test_simulate.py exports."""
     out = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "device_sim.cli", "simulate", "--corpus", str(three_user_corpus(tmp_path / "c.tsv")),
-         "--clients-per-round", "20", "--rounds", "2", "--embed-dim", "16", "--units", "32", "--no-progress",
-         "--deadline-s", "120", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "device_sim.cli", "simulate", "--devices", "3", "--clients-per-round", "20",
+         "--rounds", "2", "--vocab-size", "300", "--embed-dim", "16", "--units", "32", "--seed", "3",
+         "--no-progress", "--deadline-s", "120", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count(WARNING) == 1, done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
