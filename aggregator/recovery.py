@@ -135,10 +135,10 @@ def broker_evidence_message(retained: RetainedModel, topic: str, ours: int, dire
                             restored: bool) -> str:
     """Why a start is refused when the broker retains a newer model, and what to do."""
     where = (f"the checkpoint in {directory} is at v{ours} (restored from an older backup?)" if restored
-             else f"{directory} holds no model: this start would publish v0")
+             else f"{directory} holds no model (this start would publish v0)")
     if retained.verified:
         what = f"the broker retains model v{retained.version} of this fleet on {topic}, signed by this key"
-        todo = (f"start with {RECOVER_FLAG} to continue at v{retained.version}+1 from it"
+        todo = (f"start with {RECOVER_FLAG} to continue from it (the next model is v{(retained.version or 0) + 1})"
                 + (" (move model.npz away first)" if restored else "")
                 + ", or restore the checkpoint directory that published it")
     else:
@@ -146,5 +146,6 @@ def broker_evidence_message(retained: RetainedModel, topic: str, ours: int, dire
                 f"(fingerprint {key_fingerprint(public_key)}) does not verify: {retained.problem}")
         todo = "start the aggregator that owns this fleet with its own key and checkpoint directory"
     return (f"{what}, but {where}: publishing would fork the fleet (devices ignore anything older than what "
-            f"they trust). {todo.capitalize()}. Only to start the fleet over on purpose: clear the retained "
+            f"they trust). {todo[0].upper() + todo[1:]}. If another aggregator is serving this fleet right now, "
+            f"leave it be: one aggregator per fleet. Only to start the fleet over on purpose: clear the retained "
             f"model (mosquitto_pub -r -n -t {topic}) and reset the devices' trust")
