@@ -8,12 +8,14 @@ and nothing here can pull TensorFlow onto a device.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from protocol.cli_entry import HelpFormatter
 
 IMPORT_FORMATS = ("lines", "tsv", "jsonl")
+DEFAULT_CONFIG = "/etc/fedboard/client.toml"
 
 CLIENT_EXAMPLES = """examples:
   fedboard client --config /etc/fedboard/client.toml
@@ -45,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run the federated keyboard client until SIGTERM/SIGINT. `client add-text` appends "
                     "typed text to the device's private text store.",
         formatter_class=HelpFormatter, epilog=CLIENT_EXAMPLES)
-    client.add_argument("--config", type=Path, help="client.toml (see edge_client/deploy/client.example.toml)")
+    client.add_argument("--config", type=Path, help="client.toml (see edge_client/deploy/client.example.toml; "
+                        f"default: $FEDBOARD_CLIENT_CONFIG or {DEFAULT_CONFIG})")
     client.set_defaults(handler=run_client)
     actions = client.add_subparsers(dest="client_command", metavar="ACTION")
     add = actions.add_parser("add-text", help="append text to the device's text store (never sent anywhere)",
@@ -86,8 +89,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "or from a bundle file (--bundle, optionally with --weights).",
         formatter_class=HelpFormatter, epilog=PREDICT_EXAMPLES)
     predict.add_argument("text", help="the text typed so far, e.g. 'i am going to'")
-    source = predict.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", type=Path, help="client.toml: use the device's cached bundle and model")
+    source = predict.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, help="client.toml: use the device's cached bundle and model "
+                                                    f"(default: $FEDBOARD_CLIENT_CONFIG or {DEFAULT_CONFIG})")
     source.add_argument("--bundle", type=Path, help="a training bundle file (.fbz)")
     predict.add_argument("--weights", type=Path, help="with --bundle: float32 weights (.npy, or raw little-endian)")
     predict.add_argument("--int8", type=Path, help="an int8 inference model (.tflite) to run instead")
@@ -96,10 +100,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # -- handlers -------------------------------------------------------------------------------------
+def default_config_path() -> Path:
+    """Where a deployed device keeps its client.toml (README, Raspberry Pi section); FEDBOARD_CLIENT_CONFIG wins."""
+    return Path(os.environ.get("FEDBOARD_CLIENT_CONFIG") or DEFAULT_CONFIG)
+
+
 def _require_config(args: argparse.Namespace) -> Path:
     config = getattr(args, "config", None)
     if config is None:
-        raise ValueError("--config client.toml is required")
+        config = default_config_path()
+        if not config.exists():
+            raise ValueError(f"no --config given and {config} does not exist: pass --config client.toml "
+                             "(see edge_client/deploy/client.example.toml) or set FEDBOARD_CLIENT_CONFIG")
     return config
 
 
@@ -155,6 +167,8 @@ def keygen_command(args: argparse.Namespace) -> int:
 def predict_command(args: argparse.Namespace) -> int:
     from edge_client.suggest import Suggester
 
+    if args.bundle is None:
+        args.config = _require_config(args)
     if args.config is not None:
         from edge_client.app import load_saved_model
         from edge_client.client_config import load_client_config

@@ -204,3 +204,13 @@ def test_client_runs_without_tensorflow_and_stops_on_sigterm(bundle, config_file
         assert "received SIGTERM" in rest and "stopped" in rest
     finally:
         agg.stop()
+
+
+def test_predict_without_a_config_names_the_default_path_it_looked_for(tmp_path, monkeypatch, capsys):
+    from device_sim.cli import main
+
+    missing = tmp_path / "nowhere" / "client.toml"
+    monkeypatch.setenv("FEDBOARD_CLIENT_CONFIG", str(missing))
+    assert main(["predict", "i am going to"]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "--config" in err and "Traceback" not in err

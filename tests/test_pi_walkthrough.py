@@ -37,9 +37,9 @@ def set_key(text: str, key: str, value: str) -> str:
     return new
 
 
-def run(*args: str, cwd: Path, timeout: float = 180) -> str:
+def run(*args: str, cwd: Path, timeout: float = 180, env: dict | None = None) -> str:
     proc = subprocess.run([*FEDBOARD, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
     assert proc.returncode == 0, f"fedboard {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
@@ -162,7 +162,9 @@ def test_the_pi_walkthrough_runs_end_to_end(tmp_path, cache_dir):
 
         # 7. suggestions on a device, from the model it trained on
         home = clients[0][0]
-        out = run("predict", "--config", "client.toml", "i am going to", cwd=home)
+        # the README's form, `fedboard predict "i am going to"`: the config at its default path
+        # (/etc/fedboard/client.toml on a Pi; FEDBOARD_CLIENT_CONFIG points elsewhere)
+        out = run("predict", "i am going to", cwd=base, env={"FEDBOARD_CLIENT_CONFIG": str(home / "client.toml")})
         words = re.search(r"'i am going to' -> (.+)", out).group(1).split(", ")
         assert len(words) == 3 and all(words), out
     finally:
