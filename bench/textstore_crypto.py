@@ -7,8 +7,10 @@ in the same run, alternating so that load from other processes hits both alike:
 - rows/s added in batches of 100 (`add_many`: an import),
 - seconds to read every text back (`texts()`, retention included),
 - seconds to get the training windows the client trains on (`StoreWindows.training_windows()`
-  on a fresh cache: read, decrypt, tokenize, cut),
-and the sealed/plain ratio of each. Medians of --repeats runs. Prints a table and writes JSON.
+  on a fresh cache: read, decrypt, tokenize, cut), and again with nothing changed (a check-in's
+  cache hit),
+and the sealed/plain ratio of each. The best of --repeats runs (the least disturbed by other
+load: the fastest rate, the shortest time), medians in the JSON too. Prints a table and writes JSON.
 
     python bench/textstore_crypto.py [--rows 50000] [--repeats 5] [--out textstore_crypto.json]
 """
@@ -63,14 +65,19 @@ def one_run(directory: Path, texts: list[str], vocab, seq_len: int, keyring: Key
         read = store.texts()
         read_s = time.perf_counter() - start
         assert len(read) == len(texts)
+        windows = StoreWindows(store, vocab, seq_len)
         start = time.perf_counter()
-        x, _ = StoreWindows(store, vocab, seq_len).training_windows()
+        x, _ = windows.training_windows()
         windows_s = time.perf_counter() - start
+        start = time.perf_counter()
+        windows.training_windows()  # the next check-in, nothing changed: a cache hit
+        cached_s = time.perf_counter() - start
     size = path.stat().st_size
     for leftover in directory.glob(path.name + "*"):
         leftover.unlink()
     return {"add_rows_per_s": single_rows_s, "add_many_rows_per_s": batch_rows_s, "read_texts_s": read_s,
-            "training_windows_s": windows_s, "windows": int(len(x)), "file_bytes": size}
+            "training_windows_s": windows_s, "checkin_cached_s": cached_s, "windows": int(len(x)),
+            "file_bytes": size}
 
 
 def run(rows: int, repeats: int, seq_len: int = 20) -> dict:
@@ -84,10 +91,13 @@ def run(rows: int, repeats: int, seq_len: int = 20) -> dict:
                 runs[name].append(one_run(Path(tmp), texts, vocab, seq_len, ring))
     medians = {name: {key: statistics.median(r[key] for r in results) for key in results[0]}
                for name, results in runs.items()}
-    ratios = {key: medians["sealed"][key] / medians["plain"][key]
-              for key in ("add_rows_per_s", "add_many_rows_per_s", "read_texts_s", "training_windows_s", "file_bytes")}
+    best = {name: {key: (max if key.endswith("per_s") else min)(r[key] for r in results) for key in results[0]}
+            for name, results in runs.items()}
+    ratios = {key: best["sealed"][key] / best["plain"][key]
+              for key in ("add_rows_per_s", "add_many_rows_per_s", "read_texts_s", "training_windows_s", "checkin_cached_s",
+                          "file_bytes")}
     return {"rows": rows, "repeats": repeats, "single_adds": SINGLE_ADDS, "batch": BATCH, "seq_len": seq_len,
-            "machine": platform.machine(), "python": platform.python_version(), "median": medians,
+            "machine": platform.machine(), "python": platform.python_version(), "best": best, "median": medians,
             "sealed_over_plain": ratios, "runs": runs}
 
 
@@ -100,11 +110,12 @@ def main() -> int:
     if args.rows <= SINGLE_ADDS:
         parser.error(f"--rows must be more than {SINGLE_ADDS}")
     report = run(args.rows, args.repeats)
-    m, r = report["median"], report["sealed_over_plain"]
-    print(f"{args.rows} texts, median of {args.repeats} ({report['machine']}, Python {report['python']})")
+    m, r = report["best"], report["sealed_over_plain"]
+    print(f"{args.rows} texts, best of {args.repeats} ({report['machine']}, Python {report['python']})")
     print(f"{'':24}{'plain':>12}{'sealed':>12}{'ratio':>8}")
     for key, label in (("add_rows_per_s", "add (rows/s)"), ("add_many_rows_per_s", "add_many (rows/s)"),
                        ("read_texts_s", "texts() (s)"), ("training_windows_s", "training windows (s)"),
+                       ("checkin_cached_s", "unchanged, cached (s)"),
                        ("file_bytes", "file (bytes)")):
         print(f"{label:24}{m['plain'][key]:>12.4g}{m['sealed'][key]:>12.4g}{r[key]:>8.2f}")
     text = json.dumps(report, indent=2)

@@ -339,6 +339,7 @@ class TextStore:
                 cursor = conn.execute("INSERT INTO texts (ts, text, app, born) VALUES (?, ?, ?, ?)",
                                       (ts, text, app, born))
                 ids.append(int(cursor.lastrowid or 0))
+            self._bump_locked()
             return ids
         seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'texts'").fetchone()
         top = conn.execute("SELECT max(id) FROM texts").fetchone()[0]
@@ -348,6 +349,7 @@ class TextStore:
             "INSERT INTO texts (id, ts, text, app, born) VALUES (?, ?, ?, NULL, ?)",
             [(row_id, ts, keyring.seal(_pack_row(text, app), _ROW_AAD + row_id.to_bytes(8, "big"), key_id),
               now.elapsed - claimed_age(ts, now.wall)) for row_id, (ts, text, app) in zip(ids, rows)])
+        self._bump_locked()
         return ids
 
     def _decode(self, row_id: int, text: str | bytes, app: str | None) -> tuple[str, str | None]:
@@ -383,6 +385,21 @@ class TextStore:
         with self._lock:
             return int(self._connection().execute("SELECT count(*) FROM texts").fetchone()[0])
 
+    def generation(self) -> int:
+        """A number that changes whenever a text is added or deleted (by any process), after
+        retention: lets a reader skip decrypting every text when nothing changed."""
+        with self._transaction() as now:
+            self._enforce_retention_locked(now)
+            return self._generation_locked()
+
+    def _generation_locked(self) -> int:
+        row = self._connection().execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _bump_locked(self) -> None:
+        self._connection().execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('generation', ?)",
+                                   (self._generation_locked() + 1,))
+
     # -- retention and removal ---------------------------------------------------------------
     def enforce_retention(self) -> int:
         """Delete rows older than max_age_days, then the oldest beyond max_rows; returns how many."""
@@ -403,6 +420,7 @@ class TextStore:
                     "DELETE FROM texts WHERE id IN (SELECT id FROM texts ORDER BY born, id LIMIT ?)", (excess,)
                 ).rowcount
         if deleted:
+            self._bump_locked()
             log.debug("retention deleted %d texts", deleted)
         return deleted
 
@@ -413,7 +431,9 @@ class TextStore:
         """Delete every text and shrink the file, e.g. when the user opts out."""
         with self._lock:
             conn = self._connection()
-            conn.execute("DELETE FROM texts")
+            with self._transaction():
+                conn.execute("DELETE FROM texts")
+                self._bump_locked()
             conn.execute("VACUUM")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # old pages must not linger in the WAL
         log.info("text store %s wiped", self.path)

@@ -106,10 +106,24 @@ def read_everything(config) -> tuple[list[tuple[str, str | None]], np.ndarray | 
 EXPECTED_ROWS = [(SECRETS[0], None), (SECRETS[1], None), (SECRETS[2], "notesapp")]
 
 
-def test_typed_text_residual_and_outbox_are_not_readable_on_disk(config_file):
+@pytest.fixture(scope="module")
+def bundle(cache_dir):
+    from models.bundle_cache import get_or_export_bundle
+    from models.config import ModelConfig
+    from models.tokenizer import build_vocabulary
+
+    vocab = build_vocabulary(["i am going to the park", "see you at the station at six"] * 3, size=50)
+    config = ModelConfig(vocab_size=vocab.size, embed_dim=8, units=16, seq_len=20, batch_size=16)
+    return get_or_export_bundle(config, vocab.to_json(), seed=0, cache_dir=cache_dir / "bundles")
+
+
+def test_typed_text_residual_and_outbox_are_not_readable_on_disk(config_file, bundle):
     config = load_client_config(config_file)
     add_secrets(config_file)
     fill_residual_and_outbox(config)
+    bundle.write(config.device.state_dir / "bundle.fbz")  # `predict` runs beside the sealed stores
+    out = fedboard("predict", "i am going to", "--config", str(config_file))
+    assert out.returncode == 0 and "->" in out.stdout, out.stderr
     key_file = config.device.key_file
     assert key_file.parent == config_file.parent and config.device.state_dir not in key_file.parents
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
