@@ -423,19 +423,23 @@ def fuzz_target(target: Target, count: int, seed: int, deadline_s: float = DEFAU
             t0 = time.perf_counter()
             signal.setitimer(signal.ITIMER_REAL, deadline_s)
             try:
-                target.run(value)
-                outcome = None
-            except Hang:
-                outcome = "hang"
-            except BaseException as exc:  # noqa: BLE001 - anything but the typed error is what we look for
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
-                if target.is_allowed(exc):
-                    outcome = exc
-                else:
-                    outcome = ("crash", exc, traceback.format_exc(limit=-3))
-            finally:
+                try:
+                    target.run(value)
+                    outcome = None
+                except Hang:
+                    outcome = "hang"
+                except BaseException as exc:  # noqa: BLE001 - anything but the typed error is what we look for
+                    if isinstance(exc, KeyboardInterrupt):
+                        raise
+                    if target.is_allowed(exc):
+                        outcome = exc
+                    else:
+                        outcome = ("crash", exc, traceback.format_exc(limit=-3))
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            except Hang:  # the alarm went off just as the input ended, while it was being classified
                 signal.setitimer(signal.ITIMER_REAL, 0)
+                outcome = "hang"
             elapsed = time.perf_counter() - t0
             stats.inputs += 1
             stats.max_s = max(stats.max_s, elapsed)
@@ -1032,7 +1036,7 @@ def text_import_target(files: _ConfigFiles) -> Target:
             data = seeds["jsonl"] + (b"[" * depth + b"]" * depth if rng.random() < 0.5
                                      else b'{"text": ' * depth + b'"x"' + b"}" * depth) + b"\n"
         elif roll < 0.55:  # many short lines
-            data = b"a b\n" * rng.choice((10**3, 10**4, 3 * 10**4))
+            data = b"a b\n" * rng.choice((10**3, 10**4))
         else:
             data = mutate_bytes(rng, seeds[fmt], rng.choice(tuple(seeds.values())))
         return str(files.write(f"import.{fmt}", data)), fmt

@@ -185,6 +185,19 @@ def test_add_text_bounds_every_read_and_names_file_line_and_limit(fleet, tmp_pat
     assert run.code == 0 and "(1 stored)" in run.stdout, run.stdout + run.stderr
 
 
+def test_predict_bounds_the_bundle_file_it_reads(tmp_path):
+    bomb_file = tmp_path / "bomb.fbz"
+    bomb_file.write_bytes(bomb.bomb_bundle("manifest", 400 * 2**20))
+    cases = [("/dev/zero", r"/dev/zero is larger than 67108864 bytes"),
+             (str(tmp_path), r"cannot read bundle .*: Is a directory"),
+             (str(bomb_file), rf"{re.escape(str(bomb_file))}: member manifest.json")]
+    for path, expected in cases:
+        run = bomb.run_client(["predict", "i am", "--bundle", path], cwd=tmp_path)
+        assert run.code == 2 and "Traceback" not in run.stderr, run.stderr
+        assert re.search(expected, run.lines[-1]), (expected, run.lines[-1])
+        assert run.peak_rss_mb < 150, f"{path}: peak RSS {run.peak_rss_mb:.0f} MB"
+
+
 def test_text_import_unit_bounds(tmp_path):
     from edge_client.text_import import ImportLimits, import_lines, json_record
 
