@@ -469,6 +469,7 @@ class Aggregator:
             return
         self._stopped = True
         self._abort.set()  # a round still running in another thread raises AggregatorStopped
+        self._serving.set()  # an intake thread still waiting for the start checks sees the failure and exits
         if self._intake is not None:
             self._inbox.put(None, 0)
             self._intake.join(30)

@@ -424,3 +424,54 @@ def test_a_round_planned_on_another_model_than_model_npz_is_refused(tmp_path):
                                     server_lr=0.01), fake_bundle(), MqttSettings(),
                    load_private_key(tmp_path / "keys" / "aggregator.key"))
     CheckpointStore(state).close()  # the refused aggregator released its directory
+
+
+@pytest.mark.mosquitto
+def test_a_newer_retained_model_is_found_before_anything_is_published(tmp_path, mosquitto):
+    """Fresh directory, a checkpoint restored from an older backup, and a model this key did not
+    sign: each refused at start; the broker keeps exactly what it had (no bundle, no plan, no v0)."""
+    from aggregator.publisher import build_model_message
+    from aggregator.server import Aggregator, AggregatorConfig
+    from aggregator_testkit import keypair
+    from protocol.transport import MqttSettings
+
+    bundle = fake_bundle()
+    key, other = keypair()[0], keypair()[0]
+    fleet = ScriptedFleet(mosquitto.port, "newer", [], client_id="watch-newer")
+    try:
+        def retain(version, signer):
+            data = build_model_message(fleet="newer", model_id=bundle.model_id, version=version,
+                                       weights=bundle.initial_weights, codec_spec="f32", private_key=signer).envelope_bytes
+            fleet.client.publish(fleet.topics.model, data, qos=1, retain=True).wait_for_publish(10)
+            wait_until(lambda: fleet.models.get("current") == data, 10, "the retained model")
+            return data
+
+        def start(directory):
+            agg = Aggregator(AggregatorConfig(fleet="newer", checkpoint_dir=str(directory)), bundle,
+                             MqttSettings(port=mosquitto.port), key)
+            try:
+                agg.start()
+            finally:
+                agg.stop()
+
+        v5 = retain(5, key)
+        with pytest.raises(CheckpointError, match="retains model v5 of this fleet.*signed by this key.*holds no model"):
+            start(tmp_path / "fresh")
+        assert not (tmp_path / "fresh" / "model.npz").exists()
+
+        Aggregator(AggregatorConfig(fleet="newer", checkpoint_dir=str(tmp_path / "old")), bundle, MqttSettings(),
+                   key).stop()  # a model.npz at v0: as if restored from an old backup
+        with pytest.raises(CheckpointError, match=r"retains model v5.*at v0 \(restored from an older backup\?\).*"
+                                                  r"move model.npz away first"):
+            start(tmp_path / "old")
+        assert (tmp_path / "old" / "model.npz").exists()  # the operator's file is not touched
+
+        retain(7, other)
+        with pytest.raises(CheckpointError, match="claiming v7.*does not verify"):
+            start(tmp_path / "fresh")
+        with fleet._lock:
+            assert set(fleet.models) == {"current"} and not fleet.plans  # no bundle, delta, int8 or plan published
+        assert fleet.model_version() == 7
+        del v5
+    finally:
+        fleet.stop()
