@@ -476,7 +476,6 @@ class Aggregator:
         if self._int8_thread is not None:
             self._int8_thread.join(120)
         self._lease_stop.set()
-        self._serving.set()  # an intake thread still waiting for the lease sees the failure and exits
         if self._started and self._lease_held and self._lease is not None and \
                 not isinstance(self._failure, FleetTaken):
             self._publish_lease(self._lease.message(released=True))
