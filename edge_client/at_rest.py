@@ -12,10 +12,16 @@ re-sealed, the text store is re-sealed in one SQLite transaction, the residual a
 item by temp file + fsync + rename, and only then is the staged key renamed over the old one.
 A kill at any point leaves every record readable (both keys are loaded while `.next` exists);
 running rotate-key again finishes with the staged key.
+
+Rotation must not run beside a client or an `add-text` that holds the old key (what they wrote
+after the switch would be sealed with a key that is gone): every user of the stores holds a
+shared lock on `state_dir/.store.lock` and rotate-key takes it exclusively, so either one
+waits for nothing and says clearly who is in the way.
 """
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import os
 import sqlite3
@@ -38,6 +44,44 @@ log = logging.getLogger(__name__)
 OUTBOX_DIR = "outbox"
 PAUSE_ENV = "FEDBOARD_ROTATE_KEY_PAUSE_AT"  # fault injection for the crash tests: pause at a step
 ROTATION_STEPS = ("staged", "text-half", "text", "residual", "outbox", "switched")
+LOCK_FILE = ".store.lock"
+
+
+class StoresBusy(StoreKeyError):
+    """Another process holds the stores in a way that conflicts (a rotation, or a running client)."""
+
+
+class StateLock:
+    """flock on `state_dir/.store.lock`: shared while a command uses the stores, exclusive for
+    rotate-key. Never blocks: a conflict is a StoresBusy saying what to do."""
+
+    def __init__(self, state_dir: Path, *, exclusive: bool) -> None:
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._fd: int | None = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ValueError(f"state directory {state_dir} is not usable ({exc.strerror or exc}): it must be a "
+                             "directory this user can write (systemd: StateDirectory=fedboard)") from None
+        try:
+            fcntl.flock(self._fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release()
+            if exclusive:
+                raise StoresBusy(f"the stores in {state_dir} are in use (the client service or an add-text is "
+                                 "running): stop the service (systemctl stop fedboard-client) and try again") from None
+            raise StoresBusy(f"a store key rotation is running on {state_dir}: try again when "
+                             "`fedboard client rotate-key` has finished") from None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> StateLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def key_source(config: ClientConfig) -> KeySource:
@@ -87,20 +131,30 @@ class DeviceStores:
     text: TextStore
     residuals: ResidualStore
     outbox: Outbox
+    lock: StateLock | None = None
 
     def close(self) -> None:
         self.text.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
-def open_device_stores(config: ClientConfig, keyring: Keyring) -> DeviceStores:
+def open_device_stores(config: ClientConfig, keyring: Keyring, *, lock: bool = True) -> DeviceStores:
     """Check every store against the key (StoreKeyError, nothing written), then open them and seal
-    what an older client left plain."""
+    what an older client left plain. Holds the shared store lock until `close()` (unless `lock`
+    is False: the caller holds the exclusive one)."""
     state = config.device.state_dir
-    residuals = ResidualStore(state, keyring=keyring)
-    outbox = Outbox(state / OUTBOX_DIR, keyring=keyring)
-    residuals.check_key()
-    outbox.check_key()
-    text = open_text_store(config, keyring)  # checks its key before writing, seals plain rows
+    held = StateLock(state, exclusive=False) if lock else None
+    try:
+        residuals = ResidualStore(state, keyring=keyring)
+        outbox = Outbox(state / OUTBOX_DIR, keyring=keyring)
+        residuals.check_key()
+        outbox.check_key()
+        text = open_text_store(config, keyring)  # checks its key before writing, seals plain rows
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
     try:
         if residuals.reseal():
             log.info("residual %s sealed with the store key", residuals.path)
@@ -109,8 +163,10 @@ def open_device_stores(config: ClientConfig, keyring: Keyring) -> DeviceStores:
             log.info("outbox: %d item(s) sealed with the store key", sealed)
     except BaseException:
         text.close()
+        if held is not None:
+            held.release()
         raise
-    return DeviceStores(text, residuals, outbox)
+    return DeviceStores(text, residuals, outbox, held)
 
 
 @dataclass(frozen=True)
@@ -145,6 +201,12 @@ def rotate_key(config: ClientConfig, *, key_file: Path | None = None, new_key: S
         raise StoreKeyError(f"no store key {source.key_file} to rotate: the device has never stored data with one "
                             "(any `fedboard client` command creates it), or [device] key_file points elsewhere")
     config = dataclasses.replace(config, device=dataclasses.replace(config.device, key_file=source.key_file))
+    with StateLock(config.device.state_dir, exclusive=True):
+        return _rotate_locked(config, source, new_key, on_step)
+
+
+def _rotate_locked(config: ClientConfig, source: KeySource, new_key: StoreKey | None,
+                   on_step: Callable[[str], None]) -> RotationReport:
     old = load_keyring(source)
     resumed = source.staged_file.exists()
     if resumed:
@@ -154,7 +216,7 @@ def rotate_key(config: ClientConfig, *, key_file: Path | None = None, new_key: S
                                 "(run rotate-key without a new key)")
         new_key = staged
         log.warning("finishing the interrupted key rotation with %s", source.staged_file)
-    stores = open_device_stores(config, old)  # everything readable with the old (or staged) key?
+    stores = open_device_stores(config, old, lock=False)  # everything readable with the old (or staged) key?
     stores.close()
     if not resumed:
         new_key = new_key or StoreKey.generate()

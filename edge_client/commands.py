@@ -123,13 +123,14 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 def add_text(args: argparse.Namespace) -> int:
-    from edge_client.at_rest import device_keyring, open_text_store
+    from edge_client.at_rest import StateLock, device_keyring, open_text_store
     from edge_client.client_config import load_client_config
 
     config = load_client_config(_require_config(args))
     if bool(args.text) == bool(args.file):
         raise ValueError("give either texts to add or --file PATH, not both and not neither")
-    with open_text_store(config, device_keyring(config)) as store:
+    with StateLock(config.device.state_dir, exclusive=False), \
+            open_text_store(config, device_keyring(config)) as store:
         if args.file:
             added = store.import_file(args.file, args.format)
         else:

@@ -214,7 +214,14 @@ def test_rotate_key_reseals_everything_and_the_old_key_no_longer_opens_it(config
         read_everything(config)
 
 
-def run_until_paused(config_file: Path, step: str) -> None:
+def check_add_text_waits(config_file: Path) -> None:
+    """While a rotation runs, the keyboard's add-text is refused clearly (it holds the old key)."""
+    out = fedboard("client", "add-text", "--config", str(config_file), "typed during the rotation")
+    assert out.returncode == 2 and "key rotation is running" in out.stderr and "Traceback" not in out.stderr, \
+        out.stderr
+
+
+def run_until_paused(config_file: Path, step: str, while_paused=None) -> None:
     """rotate-key with the fault point at `step`: wait until it says it is there, then SIGKILL it."""
     env = {**os.environ, PAUSE_ENV: step}
     proc = subprocess.Popen([sys.executable, "-m", "edge_client.commands", "client", "rotate-key", "--config",
@@ -229,6 +236,8 @@ def run_until_paused(config_file: Path, step: str) -> None:
             if f"paused at {step}" in line:
                 break
         assert any(f"paused at {step}" in line for line in lines), "".join(lines)
+        if while_paused is not None:
+            while_paused(config_file)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
@@ -248,7 +257,7 @@ def test_rotate_key_killed_at_any_step_leaves_everything_readable_and_finishes_w
     fill_residual_and_outbox(config)
     expected = read_everything(config)
     old = config.device.key_file.read_bytes()
-    run_until_paused(config_file, step)
+    run_until_paused(config_file, step, while_paused=check_add_text_waits if step == "staged" else None)
     staged = key_source(config).staged_file
     assert staged.exists() == (step != "switched")
     # killed: every record is readable (old key, staged key, or the new one once switched) ...
@@ -295,3 +304,17 @@ def test_the_service_reads_its_key_from_the_systemd_credential_and_never_writes_
     assert not config.device.key_file.exists()
     out = fedboard("client", "rotate-key", "--config", str(config_file), env=env)
     assert out.returncode == 2 and "systemd credential" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_rotate_key_refuses_while_the_client_uses_the_stores(config_file):
+    from edge_client.at_rest import StateLock
+
+    config = load_client_config(config_file)
+    add_secrets(config_file)
+    old = config.device.key_file.read_bytes()
+    before = files_of(config.device.state_dir)
+    with StateLock(config.device.state_dir, exclusive=False):  # what a running client (or add-text) holds
+        out = fedboard("client", "rotate-key", "--config", str(config_file))
+    assert out.returncode == 2 and "stop the service" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert config.device.key_file.read_bytes() == old and not key_source(config).staged_file.exists()
+    assert files_of(config.device.state_dir) == before
