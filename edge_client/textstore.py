@@ -341,6 +341,12 @@ class TextStore:
                 ids.append(int(cursor.lastrowid or 0))
             self._bump_locked()
             return ids
+        sealed_with = bytes(conn.execute("SELECT value FROM meta WHERE key = 'key_id'").fetchone()[0])
+        if sealed_with != key_id:  # another process rotated the key since this store was opened
+            if not keyring.has(sealed_with):
+                raise StoreKeyError(f"text store {self.path} was re-keyed by another process (key id "
+                                    f"{sealed_with.hex()}): open it again with the new store key")
+            key_id = self._seal_id = sealed_with
         seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'texts'").fetchone()
         top = conn.execute("SELECT max(id) FROM texts").fetchone()[0]
         first = max(int(seq[0]) if seq else 0, int(top or 0)) + 1

@@ -245,3 +245,20 @@ def test_the_store_has_no_way_to_send_text_anywhere():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 imported.add(node.module if node.module in local else node.module.split(".")[0])
         assert imported <= allowed | local, (name, imported)
+
+
+def test_a_writer_that_holds_the_old_key_never_mixes_keys_after_a_rotation(tmp_path):
+    """A keyboard process opened the store before another process re-keyed it: it must refuse to
+    add rows under the old key (they would be unreadable once the old key is gone)."""
+    from edge_client.sealing import Keyring, StoreKey, StoreKeyError
+
+    old, new = StoreKey.generate(), StoreKey.generate()
+    path = tmp_path / "t.db"
+    with TextStore(path, keyring=Keyring(old)) as keyboard:
+        keyboard.add("before the rotation")
+        with TextStore(path, keyring=Keyring(new, (old,))) as rotator:
+            assert rotator.rekey(Keyring(new, (old,))) == 1
+        with pytest.raises(StoreKeyError, match="re-keyed by another process"):
+            keyboard.add("after the rotation")
+    with TextStore(path, keyring=Keyring(new)) as reader:
+        assert reader.texts() == ["before the rotation"]
