@@ -94,7 +94,7 @@ def raw_zip(entries: list[ZipEntry]) -> bytes:
     return bytes(out)
 
 
-def _small_manifest(tflite_size: int) -> tuple[dict, dict[str, bytes]]:
+def small_manifest(tflite_size: int) -> tuple[dict, dict[str, bytes]]:
     """A manifest that passes every check before the members are inflated, and the small members."""
     import numpy as np
 
@@ -126,7 +126,7 @@ def bomb_bundle(kind: str, inflated: int) -> bytes:
         entries += [deflated(n, d) for n, d in small_members.items()]
         return raw_zip(entries)
     if kind == "member":
-        manifest, members = _small_manifest(64)
+        manifest, members = small_manifest(64)
         stream, crc = deflate_bomb(inflated, b"\0")
         entries = [deflated("manifest.json", json.dumps(manifest).encode()),
                    ZipEntry("model.tflite", stream, crc, 64)]

@@ -976,7 +976,7 @@ def bundle_bomb_target() -> Target:
     The device checks the signed digest of the bundle bytes first; these inputs reach the zip
     reader as a bundle the aggregator itself signed would (or `fedboard predict --bundle`).
     """
-    from bench.bundle_bomb import ZipEntry, _small_manifest, bomb_bundle, deflate_bomb, deflated, raw_zip
+    from bench.bundle_bomb import ZipEntry, bomb_bundle, deflate_bomb, deflated, raw_zip, small_manifest
     from models.bundle import Bundle, BundleError
 
     sizes = (2**20, 16 * 2**20, 64 * 2**20, 400 * 2**20)
@@ -987,7 +987,7 @@ def bundle_bomb_target() -> Target:
         if roll < 0.45:  # a bomb: the manifest or a member inflates far past what anything says
             data = bomb_bundle(rng.choice(("manifest", "manifest-honest", "member")), rng.choice(sizes))
             return mutate_bytes(rng, data) if rng.random() < 0.2 else data
-        manifest, members = _small_manifest(64)
+        manifest, members = small_manifest(64)
         entries = {n: deflated(n, d) for n, d in members.items()}
         entries["model.tflite"] = deflated("model.tflite", b"\0\0\0\0TFL3" + b"\0" * 54)
         if roll < 0.75:  # huge members: the manifest (and maybe the zip header) claims sizes past the limits

@@ -3,7 +3,9 @@
 Start-up ("bootstrap") happens before the round protocol can run, because the interpreter
 needs the training bundle: the app reads the fleet's retained global model, verifies its
 signature with the aggregator's public key, and takes the bundle the signed manifest names
-(`extra["bundle_sha256"]`), from its cache in `state_dir` or from the retained bundle topic.
+(`extra["bundle_sha256"]`), from its cache in `state_dir` or from the retained bundle topic;
+a fetched bundle's bytes must match the signed `bundle_file_sha256` and `bundle_file_bytes`
+before the zip is opened (a zip bomb nobody signed is never inflated).
 A broker that cannot be reached is not fatal when a verified bundle is cached (the MQTT
 session keeps retrying in the background, as a device on a flaky network must); without a
 bundle the app stops with an error that says what it waited for, and systemd restarts it

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 MAX_JSON_DEPTH = 8          # a record is {"text", "ts", "app"}: depth 1
-MAX_IMPORT_BYTES = 256 * 1024 * 1024
+MAX_IMPORT_BYTES = 64 * 1024 * 1024  # about a million messages; the store keeps 50,000 by default
 
 
 @dataclass(frozen=True)
