@@ -139,7 +139,8 @@ def takeover(stage: Stage) -> Row:
     cos, ratio = stage.moved(honest[0], updates)
     drops = log.count("disconnected from the broker")
     return Row("2 session takeover: a device connects 8x with client id aggregator-<fleet>",
-               f"aggregator kept its session ({drops} disconnects in {time.monotonic() - start:.0f} s); "
+               f"aggregator {'kept' if drops == 0 else 'LOST'} its session ({drops} disconnects in "
+               f"{time.monotonic() - start:.0f} s); "
                f"round {'committed' if _committed(log) else 'NOT committed'}", cos, ratio,
                stage.lost(honest, _committed(log)))
 
