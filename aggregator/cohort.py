@@ -17,9 +17,16 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 
 import numpy as np
+
+
+def thin_but_due(checkins: int, target: int, due: Iterable[str], arrived: Container[str]) -> bool:
+    """Keep a window open that has fewer check-ins than the cohort target while a device booked
+    for this round is still on its way (its retry ran long: the rounds came faster than pace
+    steering expected). Closing on the devices already in gave rounds of a few devices."""
+    return checkins < target and any(d not in arrived for d in due)
 
 
 def select_cohort(candidates: list[str], size: int, rng: np.random.Generator) -> list[str]:

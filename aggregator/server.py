@@ -37,7 +37,7 @@ from aggregator.aggregation import AggregationError
 from aggregator.dp import DPFedAvgAggregator, make_any_aggregator
 from aggregator.privacy_accounting import PrivacyAccountant
 from aggregator.checkpoint import CheckpointError, CheckpointStore, ModelCheckpoint, RoundCheckpoint, RoundEnd
-from aggregator.cohort import PaceSteering, select_cohort
+from aggregator.cohort import PaceSteering, select_cohort, thin_but_due
 from aggregator.config import AggregatorConfig
 from aggregator.fleet_lease import FleetLease, FleetTaken, owner_token, parse_retained
 from aggregator.evaluation import EvalHook, FederatedEval, device_eval_counts, eval_bound
@@ -136,6 +136,7 @@ class _OpenRound:
     bound: WeightBound | None = None             # the cohort's weight limits (built from the check-ins)
     weight_capped: int = 0                       # updates whose claimed example count was cut
     extended_s: float = 0.0                      # window extended this long, waiting for the report floor
+    due: set[str] = field(default_factory=set)   # booked for this round, still away when it opened
 
 
 class _ByteBoundedQueue:
@@ -968,10 +969,13 @@ class Aggregator:
         )
         now = time.time()
         with self._cv:
+            # booked for this round but their retry runs on (the rounds came faster than steering
+            # expected): a thin window waits for them rather than closing on the devices already in
+            due = {d for d, b in self._back_for.items() if b == plan.round_id and self._steered_until.get(d, 0.0) > now}
             self._steered_until = {d: t for d, t in self._steered_until.items() if t > now}
             self._back_for = {d: b for d, b in self._back_for.items() if b > plan.round_id}
             r = _OpenRound(plan, "checkin", now, now + cfg.checkin_window_s,
-                           steered_away=self._steered_away(plan.round_id, now))
+                           steered_away=self._steered_away(plan.round_id, now), due=due)
             if self._state is not None:
                 self._previous = (self._state.round_id, set(self._state.accepted))
             self._state = RoundState(plan.round_id, plan.base_version, plan.codec)
@@ -993,7 +997,8 @@ class Aggregator:
                 self._raise_if_failed()
                 left = r.window_end_unix - time.time()
                 enough = len(r.checkins) >= floor
-                if expected and len(r.checkins) >= expected and (enough or not cfg.checkin_patience_s):
+                if expected and len(r.checkins) >= expected and (enough or not cfg.checkin_patience_s) \
+                        and not thin_but_due(len(r.checkins), cfg.cohort_target(), r.due, r.checkins):
                     break
                 if left <= 0:
                     if enough or not self._extend_window(r, floor):

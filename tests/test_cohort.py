@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from aggregator.cohort import PaceSteering, select_cohort
+from aggregator.cohort import PaceSteering, select_cohort, thin_but_due
 from aggregator.config import AggregatorConfig
 
 
@@ -120,3 +120,12 @@ def test_pace_steering_steady_state_never_starves_a_round(population, target, pe
         pace.observe_round(period)
         start += period
     assert min(counts[2:]) >= target, counts
+
+
+def test_a_thin_window_waits_for_devices_booked_for_its_round():
+    # 13 of a cohort target of 20 are in; "late" was booked for this round and is still away: wait
+    arrived = {f"d{i}" for i in range(13)}
+    assert thin_but_due(13, 20, {"late", "d1"}, arrived)
+    assert not thin_but_due(13, 20, {"d1", "d2"}, arrived)        # every booked device came
+    assert not thin_but_due(20, 20, {"late"}, arrived | {"x"})    # the target is met: no reason to wait
+    assert not thin_but_due(13, 20, set(), arrived)               # nobody is due: close on what came
