@@ -64,25 +64,29 @@ from protocol.transport import MqttSettings
 log = logging.getLogger(__name__)
 
 
+_AGGREGATOR = AggregatorConfig()
+
+
 @dataclass(frozen=True)
 class SimConfig:
     corpus: str | None = None           # None = the built-in synthetic keyboard corpus
     format: str | None = None
     devices: int = 0                     # 0 = one device per user of the corpus
     rounds: int = 30
-    clients_per_round: int = 20
-    local_epochs: int = 1
-    batch_size: int = 16
-    client_lr: float = 5.0
-    codec: str = "q8"
-    downlink: str = "f32"
-    server_optimizer: str = "fedadam"
-    server_lr: float = 0.01
-    aggregation: str = "mean"
+    # what the aggregator also runs: its defaults are the one place for these (aggregator/config.py)
+    clients_per_round: int = _AGGREGATOR.clients_per_round
+    local_epochs: int = _AGGREGATOR.local_epochs
+    batch_size: int = _AGGREGATOR.batch_size
+    client_lr: float = _AGGREGATOR.client_lr
+    codec: str = _AGGREGATOR.codec
+    downlink: str = _AGGREGATOR.downlink
+    server_optimizer: str = _AGGREGATOR.server_optimizer
+    server_lr: float = _AGGREGATOR.server_lr
+    aggregation: str = _AGGREGATOR.aggregation
     dp_delta: float = 0.0                # delta of DP-FedAvg's epsilon; 0 = 1 / (10 x devices)
-    over_selection: float = 1.3          # cohort = ceil(clients_per_round * over_selection)
-    mu: float = 0.0                      # FedProx proximal term
-    client_clip: float = 5.0
+    over_selection: float = _AGGREGATOR.over_selection   # cohort = ceil(clients_per_round * over_selection)
+    mu: float = _AGGREGATOR.mu           # FedProx proximal term
+    client_clip: float = _AGGREGATOR.client_clip
     downlink_delta: str = ""             # codec of the delta downlink ("" = off)
     seed: int = 0
     vocab_size: int = 5000

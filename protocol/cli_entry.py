@@ -95,7 +95,7 @@ def console_log_level(args: argparse.Namespace) -> str:
 def attach_log_file(path: Path, args: argparse.Namespace) -> Path:
     """Also log to ``path`` at INFO (DEBUG with --log-level DEBUG): what a quiet console leaves out."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    level = logging.DEBUG if args.log_level == "DEBUG" else logging.INFO
+    level = logging.DEBUG if getattr(args, "log_level", None) == "DEBUG" else logging.INFO
     handler = logging.FileHandler(path, mode="w", encoding="utf-8")
     handler.setLevel(level)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))

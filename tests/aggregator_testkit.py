@@ -137,3 +137,8 @@ def wait_until(predicate, timeout_s: float = 20.0, what: str = "condition") -> N
             return
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+# The aggregator's defaults are the measured FedAdam ones; tests that check the weighted mean
+# itself run plain FedAvg (server learning rate 1: the new model is the old one plus the mean).
+PLAIN_FEDAVG = {"server_optimizer": "fedavg", "server_lr": 1.0}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from aggregator.checkpoint import load_npz
-from aggregator_testkit import ScriptedFleet, dyadic_update, expected_fedavg, fake_bundle, keypair, update_bytes, wait_until
+from aggregator_testkit import PLAIN_FEDAVG, ScriptedFleet, dyadic_update, expected_fedavg, fake_bundle, keypair, update_bytes, wait_until
 from protocol.codec import parse_codec
 from protocol.envelope import decode_envelope
 from protocol.model_message import ModelMessage
@@ -127,7 +127,8 @@ def test_kill_9_mid_round_and_restart_loses_and_doubles_nothing(tmp_path, mosqui
     cmd = [sys.executable, "-m", "aggregator.commands", "aggregator", "--broker", f"127.0.0.1:{mosquitto.port}",
            "--bundle", str(tmp_path / "model.fbz"), "--key", str(key_path), "--checkpoint-dir", str(ckpt),
            "--rounds", "1", "--fleet", "kill", "--clients-per-round", "8", "--over-selection", "1.0",
-           "--checkin-window-s", "10", "--expected-checkins", "8", "--report-deadline-s", "60", "--codec", "f32"]
+           "--checkin-window-s", "10", "--expected-checkins", "8", "--report-deadline-s", "60", "--codec", "f32",
+           "--server-optimizer", "fedavg", "--server-lr", "1.0"]
     fleet = ScriptedFleet(mosquitto.port, "kill", DEVICES)
     updates = {d: dyadic_update(i, bundle.param_count) for i, d in enumerate(DEVICES)}
     data = {d: update_bytes("kill", d, 1, 0, updates[d], examples=i + 1) for i, d in enumerate(DEVICES)}
@@ -173,7 +174,8 @@ def test_kill_9_mid_round_and_restart_loses_and_doubles_nothing(tmp_path, mosqui
     from protocol.transport import MqttSettings
 
     config = AggregatorConfig(fleet="nokill", clients_per_round=8, over_selection=1.0, checkin_window_s=10,
-                              expected_checkins=8, report_deadline_s=60, codec="f32", checkpoint_dir=str(tmp_path / "s2"))
+                              expected_checkins=8, report_deadline_s=60, codec="f32", checkpoint_dir=str(tmp_path / "s2"),
+                              **PLAIN_FEDAVG)
     agg = Aggregator(config, bundle, MqttSettings(port=mosquitto.port), load_private_key(key_path))
     agg.start()
     fleet2 = ScriptedFleet(mosquitto.port, "nokill", DEVICES, client_id="fleet-nokill")

@@ -100,3 +100,18 @@ def test_keygen_refusal_names_the_command_line_flag(tmp_path, capsys):
     assert err == (f"fedboard keygen: error: a key pair aggregator.key/aggregator.pub already exists in {tmp_path}; "
                    "pass --force to replace it (every device must then be given the new .pub)")
     assert "overwrite" not in err
+
+
+def test_the_simulate_flags_fall_back_to_the_one_set_of_defaults():
+    """The CLI keeps its fallbacks literal (a device's `fedboard client` must not import the aggregator
+    to build the parser); they must be the defaults of SimConfig, which takes them from AggregatorConfig."""
+    from aggregator.config import AggregatorConfig
+    from device_sim.cli import _SIM_DEFAULTS
+    from device_sim.simulate import SimConfig
+
+    sim, agg = SimConfig(), AggregatorConfig()
+    assert {k: getattr(sim, k) for k in _SIM_DEFAULTS} == _SIM_DEFAULTS
+    for name in ("client_lr", "server_optimizer", "server_lr", "codec", "clients_per_round", "over_selection",
+                 "client_clip", "local_epochs", "batch_size"):
+        assert getattr(sim, name) == getattr(agg, name), name
+    assert (agg.server_optimizer, agg.server_lr, agg.client_lr) == ("fedadam", 0.01, 5.0)  # the measured ones

@@ -21,7 +21,7 @@ import pytest
 
 from aggregator.broker_config import BrokerSetup, device_ids, write_broker_config
 from aggregator.dp import make_any_aggregator
-from aggregator_testkit import dyadic_update, fake_bundle, update_bytes, wait_until
+from aggregator_testkit import PLAIN_FEDAVG, dyadic_update, fake_bundle, update_bytes, wait_until
 from protocol.codec import parse_codec
 from protocol.envelope import Kind, decode_envelope
 from protocol.messages import Ack, Assignment, CheckIn, RoundPlan
@@ -145,7 +145,7 @@ class AggregatorProcess:
                "--broker", f"127.0.0.1:{broker.port}", "--mqtt-version", "5", "--username", "aggregator",
                "--password-file", str(broker.credentials["aggregator"]), "--bundle", str(tmp_path / "model.fbz"),
                "--key", str(key_path), "--fleet", FLEET, "--codec", "f32", "--metrics-jsonl", str(self.jsonl),
-               *flags]
+               "--server-optimizer", "fedavg", "--server-lr", "1.0", *flags]  # the move is the mean itself
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
 
     def log(self) -> str:
@@ -324,7 +324,7 @@ def test_scale_out_workers_add_an_inflated_update_with_the_coordinators_bound(mo
     settings = MqttSettings(port=mosquitto.port, mqtt_version=5)
     names = [f"s{i}" for i in range(4)]
     config = AggregatorConfig(fleet="scaleinfl", clients_per_round=4, over_selection=1.0, expected_checkins=4,
-                              checkin_window_s=10.0, report_deadline_s=30.0, codec="f32", workers=2)
+                              checkin_window_s=10.0, report_deadline_s=30.0, codec="f32", workers=2, **PLAIN_FEDAVG)
     coordinator = Aggregator(config, bundle, settings, key)
     workers = [IntakeWorker("scaleinfl", bundle.param_count, settings, f"w{i}", group=config.share_group)
                for i in range(2)]

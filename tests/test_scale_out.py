@@ -7,7 +7,7 @@ import pytest
 from aggregator.aggregation import make_aggregator
 from aggregator.scale_out import IntakeWorker, merge_states
 from aggregator.server import Aggregator, AggregatorConfig
-from aggregator_testkit import ScriptedFleet, dyadic_update, expected_fedavg, fake_bundle, keypair, update_bytes, wait_until
+from aggregator_testkit import PLAIN_FEDAVG, ScriptedFleet, dyadic_update, expected_fedavg, fake_bundle, keypair, update_bytes, wait_until
 from protocol.transport import MqttSettings
 
 
@@ -38,7 +38,7 @@ def test_two_workers_share_the_updates_and_the_coordinator_commits_one_round(mos
     settings = MqttSettings(port=mosquitto.port, mqtt_version=5)
     devices = [f"d{i}" for i in range(8)]
     config = AggregatorConfig(fleet="scale", clients_per_round=8, over_selection=1.0, expected_checkins=8,
-                              checkin_window_s=10.0, report_deadline_s=30.0, codec="f32", workers=2)
+                              checkin_window_s=10.0, report_deadline_s=30.0, codec="f32", workers=2, **PLAIN_FEDAVG)
     coordinator = Aggregator(config, bundle, settings, key)
     workers = [IntakeWorker("scale", bundle.param_count, settings, f"w{i}", group=config.share_group) for i in range(2)]
     for w in workers:

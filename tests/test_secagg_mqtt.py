@@ -14,7 +14,7 @@ import pytest
 from aggregator.broker_config import BrokerSetup, device_ids, write_broker_config
 from aggregator.secure_round import SecureRound
 from aggregator.server import Aggregator, AggregatorConfig
-from aggregator_testkit import dyadic_update, fake_bundle, keypair, wait_until
+from aggregator_testkit import PLAIN_FEDAVG, dyadic_update, fake_bundle, keypair, wait_until
 from edge_client.secure_update import SecureUpdate
 from protocol.envelope import Kind, decode_envelope
 from protocol.messages import Assignment, CheckIn, RoundPlan
@@ -122,7 +122,7 @@ class SecureRun:
         self.config = AggregatorConfig(
             fleet=self.fleet_name, clients_per_round=len(updates), over_selection=1.0, checkin_window_s=5.0,
             expected_checkins=len(updates), report_deadline_s=6.0, codec="f32", secure_aggregation=True,
-            secagg_phase_s=2.0, secagg_weighted=weighted, aggregation=aggregation)
+            secagg_phase_s=2.0, secagg_weighted=weighted, aggregation=aggregation, **PLAIN_FEDAVG)
         self.agg = Aggregator(self.config, bundle, MqttSettings(port=broker.port), key)
         self.agg.start()
         self.fleet = SecureFleet(broker.port, self.fleet_name, bundle.param_count, updates, **fleet_options)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from aggregator.server import Aggregator, AggregatorConfig, AggregatorStopped
-from aggregator_testkit import (ScriptedFleet, dyadic_update, expected_fedavg, fake_bundle, keypair, update_bytes,
+from aggregator_testkit import (PLAIN_FEDAVG, ScriptedFleet, dyadic_update, expected_fedavg, fake_bundle, keypair, update_bytes,
                                 wait_until)
 from protocol.codec import parse_codec
 from protocol.envelope import Envelope, Kind
@@ -41,7 +41,7 @@ class Running:
         self.fleet_name = f"t{Running.counter}"
         key, _ = keypair()
         settings = dict(fleet=self.fleet_name, clients_per_round=3, over_selection=1.0, checkin_window_s=5.0,
-                        expected_checkins=len(DEVICES), report_deadline_s=10.0, codec="f32")
+                        expected_checkins=len(DEVICES), report_deadline_s=10.0, codec="f32", **PLAIN_FEDAVG)
         settings.update(overrides)
         self.config = AggregatorConfig(**settings)
         self.bundle = bundle
@@ -260,7 +260,7 @@ def test_a_full_disk_stops_the_round_unacknowledged_and_a_restart_recovers_it(br
     key, _ = keypair()
     config = AggregatorConfig(fleet="fulldisk", clients_per_round=2, over_selection=1.0, checkin_window_s=5.0,
                               expected_checkins=2, report_deadline_s=20.0, codec="f32",
-                              checkpoint_dir=str(tmp_path / "state"))
+                              checkpoint_dir=str(tmp_path / "state"), **PLAIN_FEDAVG)
     agg = Aggregator(config, bundle, MqttSettings(port=broker.port), key)
     agg.start()
     fleet = ScriptedFleet(broker.port, "fulldisk", ["a", "b"], client_id="fleet-fulldisk")
