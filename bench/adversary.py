@@ -33,7 +33,7 @@ from protocol.topics import FleetTopics  # noqa: E402
 HONEST = 3
 ROUND = ["--clients-per-round", str(HONEST), "--over-selection", "1.0", "--expected-checkins", str(HONEST),
          "--checkin-window-s", "60", "--report-deadline-s", "60", "--codec", "f32", "--lease-interval-s", "1",
-         "--rounds", "1"]
+         "--server-optimizer", "fedavg", "--server-lr", "1.0", "--rounds", "1"]  # step = the weighted mean
 
 
 @dataclass
