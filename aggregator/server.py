@@ -1296,9 +1296,9 @@ class Aggregator:
         with self._retained_lock:
             pending = dict(self._retained_unconfirmed)
         for topic, info in pending.items():
-            while not info.is_published() and time.monotonic() < deadline:
+            while not _confirmed(info) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if not info.is_published():
+            if not _confirmed(info):
                 log.warning("aggregator: the broker has not confirmed the retained %s after %.0f s; "
                             "the next start publishes it again", topic, timeout_s)
 
@@ -1307,6 +1307,18 @@ def _planned_base(ckpt: RoundCheckpoint) -> object:
     """The model version the checkpointed round was planned on (None if the file does not say)."""
     plan = ckpt.meta.get("plan") if isinstance(ckpt.meta, dict) else None
     return plan.get("base_version") if isinstance(plan, dict) else None
+
+
+def _confirmed(info: mqtt.MQTTMessageInfo) -> bool:
+    """Whether the broker acknowledged a QoS 1 publish. paho's `is_published()` raises for a message
+    published while disconnected (rc NO_CONN) although paho keeps it and sends it after reconnecting;
+    its acknowledgement then shows in the same flag `wait_for_publish` reads."""
+    try:
+        return info.is_published()
+    except RuntimeError:
+        return bool(getattr(info, "_published", False))
+    except ValueError:  # the client's queue was full: it was never queued; the next start republishes
+        return True
 
 
 def _payload_len(envelope: bytes) -> int:

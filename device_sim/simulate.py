@@ -341,6 +341,7 @@ def run_simulation(cfg: SimConfig, *, on_start: Callable[[list[SimDevice]], None
 
     devices: list[SimDevice] = []
     per_round: list[dict[str, Any]] = []
+    initial = None  # the initial model's evaluation (round 0)
     byzantine = ByzantineFleet.from_spec(cfg.byzantine, fleet.scenario.fleet.devices if fleet.scenario else len(users),
                                          cfg.seed)
     last = None
@@ -386,6 +387,7 @@ def run_simulation(cfg: SimConfig, *, on_start: Callable[[list[SimDevice]], None
             stack.callback(progress.close)
             last = _evaluate(evaluator, agg.weights, test_x, test_y)
             log.info("round 0: top-1 %.4f top-3 %.4f", last.top1, last.top3)
+            initial = last
             for _ in range(cfg.rounds):
                 down_before = sum(d.client.stats.downlink_bytes for d in devices)
                 round_id = agg.round_id + 1
@@ -441,6 +443,8 @@ def run_simulation(cfg: SimConfig, *, on_start: Callable[[list[SimDevice]], None
     if agg is not None:
         report = _report(cfg, corpus.name, task, bundle, per_round, last, devices, wall_start)
         report["clients_per_round_requested"] = requested.clients_per_round
+        if initial is not None:  # what "nothing learned yet" scores: `fedboard tune` checks its baseline beat it
+            report["initial_top1"], report["initial_top3"] = initial.top1, initial.top3
     else:
         report = {"task": corpus.name, "devices": len(devices), "shard": list(cfg.shard or (0, 1)),
                   "aggregator": False, "wall_s": time.monotonic() - wall_start, "peak_rss_mb": peak_rss_mb(),

@@ -193,6 +193,7 @@ class TuneRow:
     top1: float
     top3: float
     top3_last5: float | None = None      # mean top-3 of the last 5 evaluated rounds: less noisy than the final one
+    initial_top3: float | None = None    # the initial model's top-3 (round 0): what "nothing learned yet" scores
     delta_top3_vs_baseline: float | None = None  # top3 - baseline top3 (same clients per round and epochs)
     delta_top3_vs_baseline_rel: float | None = None  # (top3 - baseline top3) / baseline top3
     wall_s: float = 0.0
@@ -218,6 +219,7 @@ def row_from_report(point: TunePoint, report: dict[str, Any], run_dir: str = "")
         bits_per_parameter=float(bits), uplink_bytes_per_update=per_update, compression_ratio=float(ratio),
         uplink_bytes_total=int(report["uplink_bytes_total"]), downlink_bytes_total=int(report["downlink_bytes_total"]),
         top1=float(report["top1"]), top3=float(report["top3"]), top3_last5=last_rounds_top3(report),
+        initial_top3=report.get("initial_top3"),
         wall_s=float(report.get("wall_s", 0.0)), run_dir=run_dir,
     )
 
@@ -316,6 +318,7 @@ class TuneResult:
     reused: int = 0       # points read back from an earlier (interrupted) call
     stopped_by: str | None = None   # "SIGINT": Ctrl-C ended the sweep early; rows hold the points done
     points_requested: int = 0
+    warning: str | None = None      # why there is no recommendation although baselines ran
 
 
 def sweep_settings(base) -> dict[str, Any]:
@@ -411,11 +414,38 @@ def run_tune(base, points: Sequence[TunePoint], out: str | Path, *, baseline: st
 
 
 def summarize(rows: list[TuneRow], *, baseline: str, tolerance: float, settings: dict[str, Any]) -> TuneResult:
-    """Deltas, frontier and recommendation of finished rows."""
+    """Deltas, frontier and recommendation of finished rows; no recommendation from a sweep too
+    short for its baseline to have learned anything (every spec then ties at the initial model)."""
     compare_to_baseline(rows, baseline, tolerance)
     frontier = pareto_frontier(rows)
-    return TuneResult(rows=rows, frontier=frontier, recommendation=recommend(rows), baseline=canonical_spec(baseline),
-                      tolerance=tolerance, settings=settings)
+    warning = untrained_baseline_warning(rows, canonical_spec(baseline), tolerance)
+    return TuneResult(rows=rows, frontier=frontier, recommendation=None if warning else recommend(rows),
+                      baseline=canonical_spec(baseline), tolerance=tolerance, settings=settings, warning=warning)
+
+
+# Top-3 a baseline must gain over the initial model (same test positions, so paired) to count as
+# trained: half a point. Below it every spec ties with the initial model and a recommendation
+# would pick the most aggressive one for nothing.
+LEARNED_MARGIN = 0.005
+
+
+def learned_margin(initial_top3: float, tolerance: float) -> float:
+    """How far above the initial model a baseline must end to count as trained (see LEARNED_MARGIN)."""
+    return LEARNED_MARGIN
+
+
+def untrained_baseline_warning(rows: Sequence[TuneRow], baseline: str, tolerance: float) -> str | None:
+    """A warning when a baseline run ended within `learned_margin` of its initial model's top-3."""
+    for row in rows:
+        if row.spec != baseline or row.initial_top3 is None:
+            continue
+        if row.top3 - row.initial_top3 < learned_margin(row.initial_top3, tolerance):
+            return (f"the baseline {baseline} (clients per round {row.clients_per_round}, local epochs "
+                    f"{row.local_epochs}) ended at top-3 {row.top3:.4f}, no better than its initial model "
+                    f"({row.initial_top3:.4f}) by more than {learned_margin(row.initial_top3, tolerance):.4f}: "
+                    "nothing had learned yet, so every spec looks equally good. Run more rounds (--rounds) "
+                    "or a larger cohort; no recommendation from this sweep")
+    return None
 
 
 def _progress(total: int, enabled: bool):

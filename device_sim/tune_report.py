@@ -89,7 +89,7 @@ def markdown_report(result: "TuneResult") -> str:
     if result.recommendation is not None:
         parts += ["## Recommendation", "", "```", recommendation_snippet(result.recommendation), "```", ""]
     else:
-        parts += ["No recommendation: no point has a baseline run to be compared with.", ""]
+        parts += [f"No recommendation: {result.warning or 'no point has a baseline run to be compared with.'}", ""]
     return "\n".join(parts)
 
 
@@ -107,6 +107,7 @@ def write_json(result: "TuneResult", path: Path) -> Path:
         "frontier": [{"spec": r.spec, "clients_per_round": r.clients_per_round, "local_epochs": r.local_epochs}
                      for r in result.frontier],
         "recommendation": asdict(result.recommendation) if result.recommendation else None,
+        "warning": result.warning,
         "partial": result.stopped_by is not None,
     }
     if result.stopped_by:  # Ctrl-C: only the points done are in rows
