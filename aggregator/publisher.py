@@ -24,10 +24,10 @@ import numpy as np
 from models.bundle import Bundle
 from protocol.codec import parse_codec
 from protocol.envelope import Envelope, Kind
-from protocol.model_message import ModelMessage
+from protocol.model_message import INFERENCE_CODEC, ModelMessage
 from protocol.signing import ModelManifest, sign_manifest
 
-INT8_CODEC = "tflite-int8"
+INT8_CODEC = INFERENCE_CODEC
 
 
 @dataclass(frozen=True)

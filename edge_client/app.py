@@ -13,7 +13,9 @@ later.
 
 State kept in `state_dir` (mode 0700): `bundle.fbz` (the training bundle), `trust.json` (the
 last model version accepted, so a restart cannot be fed an older model), `model.fbm` (the
-last accepted global model, signed, for `fedboard predict`), `residual.f32` (error feedback).
+last accepted global model, signed, for `fedboard predict`), `serving.fbm` + `serving.json` (the
+newest int8 inference model, fetched for suggestions: edge_client/serving.py), `residual.f32`
+(error feedback).
 The user's texts live in the text store (`[device] data`) and never leave the device. The texts,
 the residual and `outbox/` are encrypted with the device's store key (edge_client/at_rest.py),
 checked against every store before anything is written.
@@ -34,6 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -58,6 +61,9 @@ from protocol.model_message import ModelMessage
 from protocol.signing import ModelManifest, ModelTrust, SignedManifest, load_public_key
 from protocol.topics import FleetTopics
 from protocol.transport import MqttSettings, configure_client
+
+if TYPE_CHECKING:
+    from edge_client.serving import ServingFollower
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +147,13 @@ class PersistentTrust(ModelTrust):
     """
 
     def __init__(self, public_key: object, fleet: str, model_id: str | None, state_dir: Path,
-                 *, save_model: bool = True) -> None:
-        self.state_path = Path(state_dir) / TRUST_FILE
-        self.model_path = Path(state_dir) / MODEL_FILE
+                 *, save_model: bool = True, trust_file: str = TRUST_FILE, model_file: str = MODEL_FILE,
+                 kind: Kind = Kind.MODEL) -> None:
+        # trust_file/model_file/kind: a second stream with its own version order (the int8 serving
+        # model, edge_client/serving.py) reuses this class under other file names
+        self.state_path = Path(state_dir) / trust_file
+        self.model_path = Path(state_dir) / model_file
+        self.kind = kind
         self.save_model = save_model
         self.saved = load_trust_state(self.state_path, fleet)
         floor = None if self.saved is None or self.saved.version == 0 else self.saved.version - 1
@@ -168,12 +178,12 @@ class PersistentTrust(ModelTrust):
         with self._save_lock:
             if state == self.saved:
                 return
-            try:
-                write_atomic(self.state_path, state.to_json())
+            try:  # the model first: a crash between the two leaves a state that takes it again
                 if self.save_model and manifest.base_version is None:
                     message = ModelMessage(manifest.fleet, manifest.version, manifest.codec, signed.to_bytes(),
                                            bytes(payload))
-                    write_atomic(self.model_path, message.to_envelope(Kind.MODEL).encode())
+                    write_atomic(self.model_path, message.to_envelope(self.kind).encode())
+                write_atomic(self.state_path, state.to_json())
             except OSError as exc:  # a full SD card must not stop training; the next accept retries
                 log.error("could not save %s: %s", self.state_path, exc)
                 return
@@ -430,9 +440,9 @@ class VerifiedModel:
         return sha, size
 
 
-def verify_model_message(data: bytes, public_key: object, fleet: str) -> VerifiedModel:
+def verify_model_message(data: bytes, public_key: object, fleet: str, *, kind: Kind = Kind.MODEL) -> VerifiedModel:
     """Parse and verify a model message (signature, fleet, payload hash); ProtocolError if refused."""
-    message = ModelMessage.from_envelope(decode_envelope(data, expect=Kind.MODEL))
+    message = ModelMessage.from_envelope(decode_envelope(data, expect=kind))
     signed = SignedManifest.from_bytes(message.signed_manifest)
     manifest = ModelTrust(public_key, fleet).accept(signed, message.weights_payload)  # type: ignore[arg-type]
     if manifest.version != message.version:
@@ -541,6 +551,8 @@ class ClientApp:
     program drive it from another thread. `platform` replaces the Linux sensors (tests).
     """
 
+    serving_check_s = 60.0  # how often the network is re-read for the serving model (edge_client/serving.py)
+
     def __init__(self, config: ClientConfig, *, platform: Platform | None = None) -> None:
         config.check_files()
         tune_malloc()
@@ -557,6 +569,7 @@ class ClientApp:
         self.bundle: Bundle | None = None
         self.trust: PersistentTrust | None = None
         self.store: TextStore | None = None
+        self.serving: ServingFollower | None = None
         self._stop = threading.Event()
         self._stop_lock = threading.Lock()
         self.exit_code = 0
@@ -591,9 +604,15 @@ class ClientApp:
             pool, windows, self.trust, residuals=stores.residuals,
             outbox=stores.outbox, eligibility=self.gate, on_event=self._on_event,
         )
+        from edge_client.serving import ServingFollower, serving_trust  # it imports this module
+
+        serving = ServingFollower(device, serving_trust(self.public_key, cfg.device.fleet, self.bundle.model_id,
+                                                        self.state_dir),
+                                  self.bundle, self.platform, cfg.policy, interval_s=self.serving_check_s)
         with self._stop_lock:
-            self.store, self.device = store, device
+            self.store, self.device, self.serving = store, device, serving
         device.start()
+        serving.start()
         log.info("device %s of fleet %s running with model %s; %d texts in %s", cfg.device.id, cfg.device.fleet,
                  self.bundle.model_id, store.count(), cfg.device.data)
         if self._stop.is_set():  # stop() was called while the bootstrap ran
@@ -605,6 +624,9 @@ class ClientApp:
         with self._stop_lock:
             device, self.device = self.device, None
             store, self.store = self.store, None
+            serving, self.serving = self.serving, None
+        if serving is not None:
+            serving.stop()
         if device is not None:
             device.stop()
         if store is not None:

@@ -85,8 +85,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     predict = subparsers.add_parser(
         "predict", help="show the next-word suggestions of the device's model for a text",
-        description="Top-k next words for TEXT, from the device's latest global model (--config) "
-                    "or from a bundle file (--bundle, optionally with --weights).",
+        description="Top-k next words for TEXT, from the newest verified global model the device holds "
+                    "(--config: the int8 inference model the client fetched for suggestions, or the float "
+                    "model it last trained on; the output says which version) or from a bundle file "
+                    "(--bundle, optionally with --weights).",
         formatter_class=HelpFormatter, epilog=PREDICT_EXAMPLES)
     predict.add_argument("text", help="the text typed so far, e.g. 'i am going to'")
     source = predict.add_mutually_exclusive_group()
@@ -170,26 +172,31 @@ def predict_command(args: argparse.Namespace) -> int:
 
     if args.bundle is None:
         args.config = _require_config(args)
+    int8 = args.int8.read_bytes() if args.int8 else None
     if args.config is not None:
-        from edge_client.app import load_saved_model
         from edge_client.client_config import load_client_config
+        from edge_client.serving import load_serving_model
 
         if args.weights is not None:
             raise ValueError("--weights goes with --bundle; with --config the device's latest model is used")
-        bundle, weights = load_saved_model(load_client_config(args.config))
-        source = "the device's latest global model" if weights is not None else "the bundle's initial weights"
+        served = load_serving_model(load_client_config(args.config))  # the newest verified: int8 or float
+        bundle, weights = served.bundle, served.weights
+        if int8 is None:
+            int8, source = served.tflite, served.describe()
+        else:
+            source = f"int8 model {args.int8}"
     else:
         from models.bundle import read_bundle
 
         bundle = read_bundle(args.bundle)
         weights = _read_weights(args.weights, bundle.param_count) if args.weights else None
         source = str(args.weights) if weights is not None else "the bundle's initial weights"
-    int8 = args.int8.read_bytes() if args.int8 else None
+        source = f"int8 model {args.int8}" if int8 is not None else f"float model, {source}"
     suggester = Suggester(bundle, weights, int8_model=int8)
     suggester.suggest(args.text, args.k)  # the first call allocates the interpreter's tensors
     words = suggester.suggest(args.text, args.k)
     print(f"{args.text!r} -> {', '.join(words)}")
-    print(f"latency: {suggester.last_latency_ms:.1f} ms ({suggester.kind} model, {source})")
+    print(f"latency: {suggester.last_latency_ms:.1f} ms ({source})")
     return 0
 
 

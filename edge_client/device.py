@@ -159,6 +159,7 @@ class DeviceClient:
         self._mismatch_warned: set[str] = set()  # model ids whose plans this device said it sits out
         self._weights: np.ndarray | None = None
         self._secure: SecureUpdate | None = None  # the secure-aggregation round in progress
+        self._followed: dict[str, Callable[[bytes], None]] = {}  # follow(): extra topics on this session
         self._stopped = threading.Event()
         self.ready = threading.Event()  # set once connected and subscribed
         self._accepted_at = 0.0                # monotonic time of the last accepted connection
@@ -226,6 +227,7 @@ class DeviceClient:
                 subs.insert(0, (self.topics.round, 1))
             if self._fetching_model:
                 subs.append((self._fetch_topic or self.topics.model, 1))
+            subs.extend((topic, 1) for topic in self._followed)
             rc, mid = client.subscribe(subs)
             if hear_plans:  # a wake-up subscription lost with the old connection is this one now
                 self._plan_sub_mid = mid if rc == mqtt.MQTT_ERR_SUCCESS else None
@@ -274,6 +276,35 @@ class DeviceClient:
             if msg.topic in (self.topics.model, self.topics.model_delta):
                 self.stats.models_refused += 1
             log.warning("%s: refused message on %s: %s", self.config.device_id, msg.topic, exc)
+        except Exception:  # a bug must not kill paho's network thread
+            log.exception("%s: error handling %s", self.config.device_id, msg.topic)
+
+    # ---- extra topics on this session (the app's serving model) -------------------------
+    def follow(self, topic: str, handler: Callable[[bytes], None]) -> None:
+        """Also receive `topic` on this session, subscribed again after every reconnect; `handler`
+        gets each payload on the network thread. One session per device id: a second MQTT session
+        with the same id would take this one over, so the app's serving model comes this way."""
+        with self._lock:
+            self._followed[topic] = handler
+        self._client.message_callback_add(topic, self._on_followed)
+        self._client.subscribe(topic, 1)  # not connected: the next _on_connect subscribes it
+
+    def unfollow(self, topic: str) -> None:
+        """Stop receiving a topic given to `follow` (a message already on its way may still come)."""
+        with self._lock:
+            if self._followed.pop(topic, None) is None:
+                return
+        self._client.message_callback_remove(topic)
+        self._client.unsubscribe(topic)
+
+    def _on_followed(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            handler = self._followed.get(msg.topic)
+        if handler is None or not msg.payload:  # unfollowed meanwhile, or a cleared retained message
+            return
+        self.stats.downlink_bytes += len(msg.payload)
+        try:
+            handler(bytes(msg.payload))
         except Exception:  # a bug must not kill paho's network thread
             log.exception("%s: error handling %s", self.config.device_id, msg.topic)
 

@@ -122,6 +122,13 @@ class EligibilityPolicy:
             reasons.append(Reason.LOW_MEMORY)
         return Decision(eligible=not reasons, reasons=tuple(reasons))
 
+    def allows_download(self, state: PlatformState) -> bool:
+        """Whether the device may fetch what only serves it (the int8 suggestion model): the
+        network rule alone, since a download costs the data plan but neither battery nor CPU."""
+        if not state.link_up or state.network is NetworkType.NONE:
+            return False
+        return not (self.require_unmetered and state.metered)
+
 
 class EligibilityMonitor:
     """Watches the policy during training; `should_stop` is meant as a per-step callback.

@@ -14,6 +14,9 @@ from protocol.errors import EnvelopeError, Reason
 
 _LEN = struct.Struct("<I")
 MAX_MANIFEST_BYTES = 64 * 1024
+# The codec name an inference model's manifest carries (kind INFERENCE_MODEL, payload: TFLite bytes);
+# a device serves such a message only under this name, so a training model is never taken for one.
+INFERENCE_CODEC = "tflite-int8"
 
 
 @dataclass(frozen=True)
