@@ -158,6 +158,14 @@ def test_a_device_left_out_of_rounds_serves_the_newest_int8_model_and_refuses_fo
         assert SignedManifest.from_bytes(message.signed_manifest).manifest.version == 2
         assert "int8 model v2" in predict(path)
         assert idle.poll() is None  # no refusal stops the client
+
+        # a serving file altered on disk does not verify: predict falls back to the trained model
+        data = bytearray((state / SERVING_FILE).read_bytes())
+        data[-1] ^= 0xFF
+        (state / SERVING_FILE).write_bytes(bytes(data))
+        served = load_serving_model(config)
+        assert (served.kind, served.version) == ("float", 1)
+        assert "float model v1" in predict(path)
     finally:
         if idle is not None and idle.poll() is None:
             idle.send_signal(signal.SIGTERM)
