@@ -490,31 +490,42 @@ main() {
   phase_end
 
   phase_start "one real round (x86 aggregator, arm64 client)"
+  # The aggregator runs until SIGTERM: a device fetches a new model when the next round's plan
+  # arrives, so round 2's plan is what brings the committed v1 to the device (for predict).
   BG_EXEC=exec host_fedboard aggregator --bundle "$bundle" --key "$RUN/keys/aggregator.key" --broker "127.0.0.1:$port" \
     --username aggregator --password-file "$RUN/broker/credentials/aggregator.password" --fleet pi \
     --clients-per-round 1 --over-selection 1 --expected-checkins 1 --min-reports 1 --no-pace-steering \
     --checkin-window-s "$ROUND_TIMEOUT_S" --report-deadline-s "$ROUND_TIMEOUT_S" --codec q8 --local-epochs 1 \
-    --max-steps 4 --rounds 1 --checkpoint-dir "$RUN/aggregator-state" --metrics-jsonl "$RUN/metrics.jsonl" \
+    --max-steps 4 --checkpoint-dir "$RUN/aggregator-state" --metrics-jsonl "$RUN/metrics.jsonl" \
     >"$RUN/aggregator.log" 2>&1 &
   local agg=$!; PIDS+=($agg)
   BG_EXEC=exec in_venv "$GUEST_WORK" fedboard client --config client.toml >"$RUN/client.log" 2>&1 &
   local client=$!; PIDS+=($client)
   local t0; t0=$(now)
-  wait_for "$ROUND_TIMEOUT_S" "the round to end" bash -c "! kill -0 $agg 2>/dev/null" \
-    || { tail -n 30 "$RUN/aggregator.log" "$RUN/client.log" >&2; die "no round ended in ${ROUND_TIMEOUT_S} s"; }
-  wait "$agg" || { tail -n 30 "$RUN/aggregator.log" >&2; die "the aggregator exited with an error"; }
-  RESULT[round]=$(grep -E '^round [0-9]+: ' "$RUN/aggregator.log" | tail -n1)
+  wait_for "$ROUND_TIMEOUT_S" "round 1 to end" grep -qE '^round 1: ' "$RUN/aggregator.log" \
+    || { tail -n 30 "$RUN/aggregator.log" "$RUN/client.log" >&2; die "round 1 did not end in ${ROUND_TIMEOUT_S} s"; }
+  RESULT[round]=$(grep -m1 -E '^round 1: ' "$RUN/aggregator.log")
   RESULT[round_s]=$(elapsed "$t0")
   grep -qE '^round 1: committed v1 1/1 reports' "$RUN/aggregator.log" \
     || { tail -n 40 "$RUN/aggregator.log" "$RUN/client.log" >&2; die "round 1 did not commit with the arm64 update"; }
   wait_for 120 "the client's ack" grep -q 'accepted=True' "$RUN/client.log" \
     || { tail -n 40 "$RUN/client.log" >&2; die "the arm64 client never saw its update accepted"; }
   RESULT[ack]=$(grep -m1 -E 'accepted=True' "$RUN/client.log" | sed 's/^ *//')
-  kill -TERM "$client" 2>/dev/null || true
-  wait_for 120 "the client to stop" bash -c "! kill -0 $client 2>/dev/null" || kill -KILL "$client"
-  local crc=0; wait "$client" || crc=$?
-  RESULT[client_exit]=$crc
-  [ "$crc" -eq 0 ] || { tail -n 30 "$RUN/client.log" >&2; die "the arm64 client exited with status $crc"; }
+  if wait_for 120 "the client to save model v1" grep -q 'trusted model version 1 saved' "$RUN/client.log"; then
+    RESULT[model_v1]=$(grep -m1 'trusted model version 1 saved' "$RUN/client.log" | sed 's/^ *//')
+  else
+    RESULT[model_v1]="not received in 120 s"
+    FAILURES+=("the arm64 client did not receive and save the committed model v1 (log: $RUN/client.log)")
+  fi
+  local pid name rc
+  for name in client aggregator; do
+    if [ $name = client ]; then pid=$client; else pid=$agg; fi
+    kill -TERM "$pid" 2>/dev/null || true
+    wait_for 120 "the $name to stop" bash -c "! kill -0 $pid 2>/dev/null" || kill -KILL "$pid"
+    rc=0; wait "$pid" || rc=$?
+    RESULT[${name}_exit]=$rc
+    [ "$rc" -eq 0 ] || FAILURES+=("the $name exited with status $rc after SIGTERM (log: $RUN/$name.log)")
+  done
   RESULT[metrics]=$("$HOST_PY" -c "$METRICS_SUMMARY" "$RUN/metrics.jsonl" 2>&1 || true)
   phase_end
 
@@ -534,6 +545,7 @@ main() {
   [ $nrc -eq 0 ] || { echo "${RESULT[numerics]}" >&2; die "codec payloads differ between x86 and arm64"; }
   phase_end
 
+  PHASE_NAME="report"
   report
 }
 
@@ -555,7 +567,7 @@ print(f"{platform.machine()}, Python {platform.python_version()}, ai-edge-litert
 
 METRICS_SUMMARY='
 import json, sys
-m = [json.loads(line) for line in open(sys.argv[1]) if line.strip()][-1]
+m = next(r for r in map(json.loads, filter(str.strip, open(sys.argv[1]))) if r.get("round") == 1)
 print(", ".join(f"{k}={m.get(k)}" for k in ("round", "committed", "version", "participants", "goal", "checkins",
                                                 "rejected", "train_loss", "uplink_bytes", "model_bytes")))
 '
@@ -583,8 +595,9 @@ report() {
   printf 'add-text:    %s\n' "${RESULT[add_text]}"
   printf 'round:       %s (wall %s s)\n' "${RESULT[round]}" "${RESULT[round_s]}"
   printf 'client ack:  %s\n' "${RESULT[ack]}"
-  printf 'client exit: %s\n' "${RESULT[client_exit]}"
-  printf 'metrics:     %s\n' "${RESULT[metrics]}"
+  printf 'model v1:    %s\n' "${RESULT[model_v1]:-}"
+  printf 'exit status: client %s, aggregator %s (SIGTERM)\n' "${RESULT[client_exit]}" "${RESULT[aggregator_exit]}"
+  printf 'metrics r1:  %s\n' "${RESULT[metrics]}"
   printf 'predict (arm64, the model of the committed round; full output in predict.log):\n%s\n' "$(sed 's/^/  /' <<<"${RESULT[predict]}")"
   printf 'numerics (x86 vs arm64, same bundle, weights and batch):\n%s\n' "$(sed 's/^/  /' <<<"${RESULT[numerics]}")"
   printf 'phases:\n'; printf '  %s\n' "${PHASES[@]}"
