@@ -178,6 +178,8 @@ def test_every_validation_rule_is_acked_with_its_reason_and_counted(running, bun
     result = run.end_round()
     assert result.committed and result.participants == 5 and result.duplicates == 1
     assert result.rejected.get("not_in_cohort") == 1 and result.rejected.get("wrong_round") == 1
+    # the duplicate's ack may still be on its way when the round ends: wait for it, then look
+    wait_until(lambda: any(ack.reason == "duplicate" for ack in run.fleet.acks_for(a)), 10, "the duplicate's ack")
     dup_acks = [ack for ack in run.fleet.acks_for(a) if ack.reason == "duplicate"]
     assert len(dup_acks) == 1 and dup_acks[0].accepted  # confirmed again, not counted again
     expected = expected_fedavg(bundle.initial_weights,
