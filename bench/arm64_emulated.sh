@@ -17,8 +17,8 @@
 #    with TensorFlow and handed in by bench/arm64/edge_bundles_plugin.py);
 # 5. runs one real round: Mosquitto (`fedboard broker-config`: passwords, ACL) and `fedboard
 #    aggregator` on the host (x86) on 127.0.0.1, `fedboard client add-text` then `fedboard client`
-#    in the root (arm64), until round 1 commits with the arm64 update accepted; then `fedboard
-#    predict` in the root;
+#    in the root (arm64): round 1 must commit v1 with the arm64 update accepted; round 2's plan
+#    brings v1 to the device (which trains round 2 on it); then `fedboard predict` in the root;
 # 6. numerics: 1 and 10 training steps on x86 and arm64 (same bundle, weights, batch), and codec
 #    payloads of a fixed update, which must be bit-identical (bench/arm64/one_step.py);
 # 7. prints what it measured; exits non-zero if anything failed. Idempotent (run it again: the root,
@@ -490,13 +490,14 @@ main() {
   phase_end
 
   phase_start "one real round (x86 aggregator, arm64 client)"
-  # The aggregator runs until SIGTERM: a device fetches a new model when the next round's plan
-  # arrives, so round 2's plan is what brings the committed v1 to the device (for predict).
+  # Two rounds: a device fetches a new model when the next round's plan arrives, so round 2's plan
+  # is what brings the committed v1 to the device (which then trains round 2 on it); without a
+  # round 3 the device keeps v1, which predict then answers from.
   BG_EXEC=exec host_fedboard aggregator --bundle "$bundle" --key "$RUN/keys/aggregator.key" --broker "127.0.0.1:$port" \
     --username aggregator --password-file "$RUN/broker/credentials/aggregator.password" --fleet pi \
     --clients-per-round 1 --over-selection 1 --expected-checkins 1 --min-reports 1 --no-pace-steering \
     --checkin-window-s "$ROUND_TIMEOUT_S" --report-deadline-s "$ROUND_TIMEOUT_S" --codec q8 --local-epochs 1 \
-    --max-steps 4 --checkpoint-dir "$RUN/aggregator-state" --metrics-jsonl "$RUN/metrics.jsonl" \
+    --max-steps 4 --rounds 2 --checkpoint-dir "$RUN/aggregator-state" --metrics-jsonl "$RUN/metrics.jsonl" \
     >"$RUN/aggregator.log" 2>&1 &
   local agg=$!; PIDS+=($agg)
   BG_EXEC=exec in_venv "$GUEST_WORK" fedboard client --config client.toml >"$RUN/client.log" 2>&1 &
@@ -511,21 +512,23 @@ main() {
   wait_for 120 "the client's ack" grep -q 'accepted=True' "$RUN/client.log" \
     || { tail -n 40 "$RUN/client.log" >&2; die "the arm64 client never saw its update accepted"; }
   RESULT[ack]=$(grep -m1 -E 'accepted=True' "$RUN/client.log" | sed 's/^ *//')
-  if wait_for 120 "the client to save model v1" grep -q 'trusted model version 1 saved' "$RUN/client.log"; then
+  wait_for "$ROUND_TIMEOUT_S" "round 2 to end (the aggregator to exit)" bash -c "! kill -0 $agg 2>/dev/null" \
+    || { tail -n 30 "$RUN/aggregator.log" "$RUN/client.log" >&2; die "round 2 did not end in ${ROUND_TIMEOUT_S} s"; }
+  local rc=0; wait "$agg" || rc=$?
+  RESULT[aggregator_exit]=$rc
+  [ "$rc" -eq 0 ] || FAILURES+=("the aggregator exited with status $rc (log: $RUN/aggregator.log)")
+  RESULT[round2]=$(grep -m1 -E '^round 2: ' "$RUN/aggregator.log" || echo "no round 2")
+  if grep -q 'trusted model version 1 saved' "$RUN/client.log"; then
     RESULT[model_v1]=$(grep -m1 'trusted model version 1 saved' "$RUN/client.log" | sed 's/^ *//')
   else
-    RESULT[model_v1]="not received in 120 s"
+    RESULT[model_v1]="not received"
     FAILURES+=("the arm64 client did not receive and save the committed model v1 (log: $RUN/client.log)")
   fi
-  local pid name rc
-  for name in client aggregator; do
-    if [ $name = client ]; then pid=$client; else pid=$agg; fi
-    kill -TERM "$pid" 2>/dev/null || true
-    wait_for 120 "the $name to stop" bash -c "! kill -0 $pid 2>/dev/null" || kill -KILL "$pid"
-    rc=0; wait "$pid" || rc=$?
-    RESULT[${name}_exit]=$rc
-    [ "$rc" -eq 0 ] || FAILURES+=("the $name exited with status $rc after SIGTERM (log: $RUN/$name.log)")
-  done
+  kill -TERM "$client" 2>/dev/null || true
+  wait_for 120 "the client to stop" bash -c "! kill -0 $client 2>/dev/null" || kill -KILL "$client"
+  rc=0; wait "$client" || rc=$?
+  RESULT[client_exit]=$rc
+  [ "$rc" -eq 0 ] || FAILURES+=("the arm64 client exited with status $rc after SIGTERM (log: $RUN/client.log)")
   RESULT[metrics]=$("$HOST_PY" -c "$METRICS_SUMMARY" "$RUN/metrics.jsonl" 2>&1 || true)
   phase_end
 
@@ -596,9 +599,10 @@ report() {
   printf 'round:       %s (wall %s s)\n' "${RESULT[round]}" "${RESULT[round_s]}"
   printf 'client ack:  %s\n' "${RESULT[ack]}"
   printf 'model v1:    %s\n' "${RESULT[model_v1]:-}"
-  printf 'exit status: client %s, aggregator %s (SIGTERM)\n' "${RESULT[client_exit]}" "${RESULT[aggregator_exit]}"
+  printf 'round 2:     %s (its plan brought v1 to the device)\n' "${RESULT[round2]}"
+  printf 'exit status: client %s (SIGTERM), aggregator %s (--rounds 2)\n' "${RESULT[client_exit]}" "${RESULT[aggregator_exit]}"
   printf 'metrics r1:  %s\n' "${RESULT[metrics]}"
-  printf 'predict (arm64, the model of the committed round; full output in predict.log):\n%s\n' "$(sed 's/^/  /' <<<"${RESULT[predict]}")"
+  printf 'predict (arm64, from the v1 it saved; full output in predict.log):\n%s\n' "$(sed 's/^/  /' <<<"${RESULT[predict]}")"
   printf 'numerics (x86 vs arm64, same bundle, weights and batch):\n%s\n' "$(sed 's/^/  /' <<<"${RESULT[numerics]}")"
   printf 'phases:\n'; printf '  %s\n' "${PHASES[@]}"
   printf 'total wall time: %s s\n' "$total"
