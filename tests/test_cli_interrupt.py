@@ -22,12 +22,19 @@ TINY_SIM = ["--devices", "6", "--clients-per-round", "3", "--vocab-size", "300",
             "--seed", "3", "--no-progress", "--deadline-s", "120"]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Fedboard:
     """A `fedboard` subprocess whose stderr is read on a thread, so a test can wait for a line."""
 
     def __init__(self, *argv: str) -> None:
+        # a terminal's Ctrl-C: SIGINT at its default disposition in the child, even when this test
+        # runs as a background job of a non-interactive shell (which starts it ignored)
         self.proc = subprocess.Popen([sys.executable, "-m", "device_sim.cli", "--log-level", "INFO", *argv], cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=_default_sigint)
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
