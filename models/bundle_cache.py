@@ -90,8 +90,10 @@ def _export_in_child(config: ModelConfig, vocab_json: dict, seed: int, target_co
                  counts=np.asarray([] if target_counts is None else target_counts, "<i8"),
                  has_counts=target_counts is not None, out=str(path))
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-        proc = subprocess.Popen([sys.executable, "-m", "models.bundle_cache", str(request)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        log_path = Path(tmp) / "export.log"  # a file, not a pipe: TensorFlow's chatter can outgrow a pipe's buffer
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "models.bundle_cache", str(request)], env=env,
+                                    stdout=out, stderr=subprocess.STDOUT)
         peak = 0.0
         watcher = psutil.Process(proc.pid)
         try:
@@ -108,7 +110,7 @@ def _export_in_child(config: ModelConfig, vocab_json: dict, seed: int, target_co
             proc.kill()
             proc.wait()
             raise
-        output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+        output = log_path.read_bytes()[-200_000:].decode(errors="replace")
         _last_export_peak_rss_mb = peak
         if proc.returncode != 0:
             tail = "\n".join(output.strip().splitlines()[-15:])
