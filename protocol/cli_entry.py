@@ -89,7 +89,7 @@ def add_log_level(parser: argparse.ArgumentParser) -> None:
 
 def console_log_level(args: argparse.Namespace) -> str:
     """The console's level: --log-level when given, else the command's own default (`quiet_log_level`)."""
-    return args.log_level or getattr(args, "quiet_log_level", None) or "INFO"
+    return getattr(args, "log_level", None) or getattr(args, "quiet_log_level", None) or "INFO"
 
 
 def attach_log_file(path: Path, args: argparse.Namespace) -> Path:
