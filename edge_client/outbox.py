@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_client.sealing import Keyring, SealedDataCorrupt, StoreKeyError, is_sealed, sealed_key_id
+from edge_client.store_keys import fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -154,19 +155,7 @@ class Outbox:
         finally:
             os.close(fd)
         os.replace(tmp, self._path(item_id))
-        self._fsync_directory()
-
-    def _fsync_directory(self) -> None:
-        try:
-            fd = os.open(self.directory, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass  # some filesystems refuse fsync on a directory; the rename is still atomic
-        finally:
-            os.close(fd)
+        fsync_directory(self.directory)
 
     def _evict_locked(self, keep: str) -> None:
         files = self._files_locked()
