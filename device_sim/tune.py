@@ -418,7 +418,7 @@ def summarize(rows: list[TuneRow], *, baseline: str, tolerance: float, settings:
     short for its baseline to have learned anything (every spec then ties at the initial model)."""
     compare_to_baseline(rows, baseline, tolerance)
     frontier = pareto_frontier(rows)
-    warning = untrained_baseline_warning(rows, canonical_spec(baseline), tolerance)
+    warning = untrained_baseline_warning(rows, canonical_spec(baseline))
     return TuneResult(rows=rows, frontier=frontier, recommendation=None if warning else recommend(rows),
                       baseline=canonical_spec(baseline), tolerance=tolerance, settings=settings, warning=warning)
 
@@ -429,20 +429,15 @@ def summarize(rows: list[TuneRow], *, baseline: str, tolerance: float, settings:
 LEARNED_MARGIN = 0.005
 
 
-def learned_margin(initial_top3: float, tolerance: float) -> float:
-    """How far above the initial model a baseline must end to count as trained (see LEARNED_MARGIN)."""
-    return LEARNED_MARGIN
-
-
-def untrained_baseline_warning(rows: Sequence[TuneRow], baseline: str, tolerance: float) -> str | None:
-    """A warning when a baseline run ended within `learned_margin` of its initial model's top-3."""
+def untrained_baseline_warning(rows: Sequence[TuneRow], baseline: str) -> str | None:
+    """A warning when a baseline run ended within LEARNED_MARGIN of its initial model's top-3."""
     for row in rows:
         if row.spec != baseline or row.initial_top3 is None:
             continue
-        if row.top3 - row.initial_top3 < learned_margin(row.initial_top3, tolerance):
+        if row.top3 - row.initial_top3 < LEARNED_MARGIN:
             return (f"the baseline {baseline} (clients per round {row.clients_per_round}, local epochs "
                     f"{row.local_epochs}) ended at top-3 {row.top3:.4f}, no better than its initial model "
-                    f"({row.initial_top3:.4f}) by more than {learned_margin(row.initial_top3, tolerance):.4f}: "
+                    f"({row.initial_top3:.4f}) by more than {LEARNED_MARGIN}: "
                     "nothing had learned yet, so every spec looks equally good. Run more rounds (--rounds) "
                     "or a larger cohort; no recommendation from this sweep")
     return None
