@@ -312,6 +312,8 @@ class DeviceClient:
     def _handle_plan(self, env: Envelope) -> None:
         plan = RoundPlan.from_envelope(env)
         with self._lock:
+            if self._quiet:  # sent before the broker applied our unsubscribe: unheard, as steering intends
+                return       # (the retained plan comes again at the wake-up)
             if self._plan is not None and plan.round_id <= self._plan.round_id:
                 return
             self._plan, self._plan_at = plan, time.monotonic()
